@@ -1,0 +1,51 @@
+"""Shared fixtures: local models built once per session (cached on disk), one real vLLM engine.
+
+No hub is reachable in tests, so every model comes from `local_models.py`. The vLLM engine is the real
+CPU build, never a mock; it lives for the whole session because start-up costs ~20 s.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: tests reach its runner
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import local_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """{"policy": tiny Qwen3 causal LM, "reward": tiny Qwen3 reward model}: random, head_dim 64."""
+    return local_models.build_tiny(local_models.DEFAULT_DIR)
+
+
+@pytest.fixture(scope="session")
+def smollm2_models():
+    """{"policy": SmolLM2-135M-Instruct, "reward": its stand-in reward model}, from the PyPI GGUF."""
+    return local_models.build_smollm2(local_models.DEFAULT_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_models):
+    """One in-process vLLM engine on the tiny policy, fp32 like the CPU trainer, shared by all tests."""
+    from vllm import LLM
+
+    llm = LLM(
+        model=tiny_models["policy"], dtype="float32", enforce_eager=True, seed=0, max_model_len=512,
+        kv_cache_memory_bytes=256 * 2**20, logprobs_mode="processed_logprobs",
+    )  # fmt: skip
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def run_script(args: list, timeout: int = 600, env: dict = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; on failure show its output's tail, which pytest would hide."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,408 @@
+"""train_grlo.py: invariants of each helper, vLLM/HF equivalence after a weight sync, and end-to-end runs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+import train_grlo as tg
+
+OFFICIAL = os.path.join(os.path.dirname(ROOT), "shared", "data", "grlo_official_sample.jsonl")
+PY = sys.executable
+
+
+def args_for(**kw):
+    return tg.Args(**kw)
+
+
+# ---- data ----
+@pytest.mark.skipif(not os.path.exists(OFFICIAL), reason="shared/ sample not beside the repo")
+def test_official_jsonl_loads_unchanged():
+    rows = tg.load_rows(OFFICIAL)
+    raw = [json.loads(line) for line in open(OFFICIAL)]
+    assert len(rows) == len(raw) == 50
+    assert rows == raw  # already in the official format: nothing added, nothing changed
+
+
+def test_bundled_data_loads():
+    for name in ("open_prompts", "arith_train", "arith_test", "code_tasks"):
+        rows = tg.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))
+        assert rows and all(r["reward_model"]["style"] in ("model", "rule") for r in rows)
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ('{"prompt": "x"', "invalid JSON"),
+        ('{"nothing": 1}', "'prompt' is missing"),
+        ('{"prompt": [{"role": "user"}]}', "prompt[0]"),
+        ('{"prompt": [], "ability": "general"}', "non-empty"),
+        ('{"prompt": "hi", "reward_model": {"style": "llm"}}', "reward_model.style"),
+    ],
+)
+def test_bad_file_names_file_line_and_field(tmp_path, line, field):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": [{"role": "user", "content": "fine"}]})
+    path.write_text(good + "\n" + good + "\n" + line + "\n")
+    with pytest.raises(ValueError) as e:
+        tg.load_rows(str(path))
+    assert f"{path}:3" in str(e.value) and field in str(e.value)
+
+
+def test_messages_and_string_prompt_columns(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "plain"}) + "\n")
+    rows = tg.load_rows(str(path))
+    assert rows[0]["prompt"] == msgs[:1]  # the answer is not part of the prompt
+    assert rows[1]["prompt"] == [{"role": "user", "content": "plain"}]
+    assert rows[0]["reward_model"]["style"] == "model"
+
+
+def test_hub_style_parquet(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": f"p{i}"}]} for i in range(3)])
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    rows = tg.load_rows(str(tmp_path / "d.parquet"))
+    assert [r["prompt"][0]["content"] for r in rows] == ["p0", "p1", "p2"]
+
+
+def test_overlong_prompts_filtered_and_counted(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    rows = [{"prompt": [{"role": "user", "content": "hi " * n}], "i": n} for n in (1, 500, 2, 900)]
+    kept, ids, dropped = tg.tokenize_prompts(rows, tok, max_prompt_length=64)
+    assert dropped == 2 and [r["i"] for r in kept] == [1, 2]
+    text = tok.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n") and tok.decode(ids[0]) == text
+
+
+def test_data_order_is_a_permutation_per_epoch_and_pure():
+    n, B = 10, 4
+    order = [i for s in range(5) for i in tg.step_prompt_indices(s, n, B, seed=3)]  # 2 epochs
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+    assert order[:10] != order[10:20]  # reshuffled each epoch
+    assert tg.step_prompt_indices(3, n, B, 3) == order[12:16]  # a pure function of the step: exact resume
+    assert tg.step_prompt_indices(0, n, B, 4) != tg.step_prompt_indices(0, n, B, 3)
+
+
+def test_prompts_stay_paired_with_ground_truth_through_shuffle_and_shards():
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "reward_model": {"style": "rule", "ground_truth": str(i)}} for i in range(13)]
+    world, B, G = 2, 4, 3
+    for step in range(7):
+        global_idx = tg.step_prompt_indices(step, len(rows), B, seed=0)
+        shards = [global_idx[r * (B // world) : (r + 1) * (B // world)] for r in range(world)]
+        assert sum(shards, []) == global_idx
+        for shard in shards:  # exactly what main() builds per rank
+            batch_rows = [rows[i] for i in shard for _ in range(G)]
+            for row in batch_rows:
+                assert row["prompt"][0]["content"] == "q" + row["reward_model"]["ground_truth"]
+
+
+def test_request_seed_depends_on_every_coordinate():
+    base = tg.request_seed(1, 2, 3, 4)
+    assert base == tg.request_seed(1, 2, 3, 4)
+    assert len({base, tg.request_seed(0, 2, 3, 4), tg.request_seed(1, 0, 3, 4), tg.request_seed(1, 2, 0, 4), tg.request_seed(1, 2, 3, 0)}) == 5
+
+
+# ---- advantages ----
+def test_equal_rewards_give_zero_advantage():
+    r = torch.tensor([0.7, 0.7, 0.7, 1.0, 2.0, 3.0])
+    for scale in ("group", "batch", "none"):
+        adv = tg.compute_advantages(r, 3, scale)
+        assert torch.all(adv[:3] == 0)
+
+
+def test_advantages_hand_computed():
+    r = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0])
+    none = tg.compute_advantages(r, 3, "none")
+    torch.testing.assert_close(none, torch.tensor([-1.0, 0.0, 1.0, -4 / 3, -4 / 3, 8 / 3]))
+    group = tg.compute_advantages(r, 3, "group", eps=0.0)
+    torch.testing.assert_close(group[:3], torch.tensor([-1.0, 0.0, 1.0]))  # std of (1,2,3) is 1
+    torch.testing.assert_close(group[3:], none[3:] / torch.tensor([0.0, 0.0, 4.0]).std())
+    batch = tg.compute_advantages(r, 3, "batch", batch_std=torch.tensor(2.0), eps=0.0)
+    torch.testing.assert_close(batch, none / 2)
+
+
+def test_overlong_penalty_is_linear_in_the_buffer():
+    pen = tg.overlong_penalty(torch.tensor([10, 96, 112, 128]), max_new_tokens=128, buffer=32, penalty=1.0)
+    torch.testing.assert_close(pen, torch.tensor([0.0, 0.0, -0.5, -1.0]))
+
+
+# ---- loss ----
+def test_policy_loss_on_policy_is_minus_advantage():
+    lp = torch.log(torch.tensor([[0.5, 0.25]]))
+    per_token, stats = tg.policy_loss(lp, lp.clone(), torch.tensor([2.0]), torch.ones(1, 2), args_for())
+    torch.testing.assert_close(per_token, torch.tensor([[-2.0, -2.0]]))
+    assert stats["clipfrac"].sum() == 0
+
+
+def test_policy_loss_clips_like_ppo():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    a = args_for(clip_eps_low=0.2, clip_eps_high=0.28)
+    pos, stats = tg.policy_loss(new, old, torch.tensor([1.0]), torch.ones(1, 2), a)
+    torch.testing.assert_close(pos, torch.tensor([[-1.28, -0.5]]))  # A>0: upside clipped at 1+eps_high
+    neg, _ = tg.policy_loss(new, old, torch.tensor([-1.0]), torch.ones(1, 2), a)
+    torch.testing.assert_close(neg, torch.tensor([[1.5, 0.8]]))  # A<0: downside clipped at 1-eps_low
+    assert stats["clipfrac"].tolist() == [[1.0, 1.0]]
+
+
+def test_k3_kl_nonnegative_and_zero_at_reference():
+    torch.manual_seed(0)
+    lp = torch.randn(4, 7)
+    for ref, expect_zero in ((lp.clone(), True), (torch.randn(4, 7), False)):
+        a = args_for(kl_coef=1.0, kl_estimator="k3")
+        _, stats = tg.policy_loss(lp, lp.detach(), torch.zeros(4), torch.ones(4, 7), a, ref_logprobs=ref)
+        assert torch.all(stats["kl"] >= 0)
+        assert (stats["kl"].abs().max() == 0) == expect_zero
+    _, k1 = tg.policy_loss(lp, lp, torch.zeros(4), torch.ones(4, 7), args_for(kl_coef=1.0, kl_estimator="k1"), ref_logprobs=lp - 0.5)
+    torch.testing.assert_close(k1["kl"], torch.full((4, 7), 0.5))
+
+
+def test_tis_weight_is_capped_ratio_to_sampler():
+    old = torch.zeros(1, 3)
+    sampler = torch.log(torch.tensor([[1.0, 0.5, 0.1]]))  # trainer/sampler ratios 1, 2, 10
+    per_token, stats = tg.policy_loss(old, old, torch.tensor([1.0]), torch.ones(1, 3), args_for(tis_cap=2.0), sampler_logprobs=sampler)
+    torch.testing.assert_close(stats["tis_weight"], torch.tensor([[1.0, 2.0, 2.0]]))
+    torch.testing.assert_close(per_token, torch.tensor([[-1.0, -2.0, -2.0]]))
+    _, off = tg.policy_loss(old, old, torch.tensor([1.0]), torch.ones(1, 3), args_for(tis_cap=0.0), sampler_logprobs=sampler)
+    assert "tis_weight" not in off
+
+
+def test_loss_aggregation_modes_follow_their_equations():
+    # two sequences: lengths 1 and 3; per-token loss 1 everywhere
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    per_token = torch.ones(2, 3)
+    tok = (per_token * tg.token_weights(mask, "token-mean", 2, 4, 8)).sum()
+    seq = (per_token * tg.token_weights(mask, "seq-mean-token-mean", 2, 4, 8)).sum()
+    const = (per_token * tg.token_weights(mask, "constant", 2, 4, 8)).sum()
+    assert math.isclose(tok, 4 / 4) and math.isclose(seq, (1 / 1 + 3 / 3) / 2) and math.isclose(const, 4 / (2 * 8))
+    # a loss only on the long sequence: token-mean weighs it by its tokens, seq-mean by 1/2
+    per_token = torch.tensor([[0.0, 0, 0], [1, 1, 1]])
+    assert math.isclose((per_token * tg.token_weights(mask, "token-mean", 2, 4, 8)).sum(), 3 / 4)
+    assert math.isclose((per_token * tg.token_weights(mask, "seq-mean-token-mean", 2, 4, 8)).sum(), 1 / 2)
+
+
+# ---- batching and log-probs ----
+def test_collate_masks_exclude_prompt_and_pad_tokens():
+    prompts, comps = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9, 2]]
+    b = tg.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
+    assert b["input_ids"].tolist() == [[5, 6, 7, 1, 2, 0, 0], [0, 0, 8, 3, 4, 9, 2]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]
+    assert b["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert b["completion_mask"].sum() == sum(map(len, comps))
+
+
+def test_microbatches_cover_every_sample_once_within_budget():
+    import random
+
+    rng = random.Random(0)
+    prompts = [[1] * rng.randint(1, 40) for _ in range(50)]
+    comps = [[1] * rng.randint(1, 60) for _ in range(50)]
+    batches = tg.make_microbatches(prompts, comps, token_budget=300)
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    for b in batches:
+        width = max(len(prompts[i]) for i in b) + max(len(comps[i]) for i in b)
+        assert len(b) == 1 or len(b) * width <= 300
+
+
+def test_completion_logprobs_match_a_plain_log_softmax(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
+    b = tg.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
+    lp, ent = tg.completion_logprobs(model, b, temperature=0.7, chunk_tokens=2)
+    for row in range(2):  # reference: each sequence alone, no padding, full-vocab log_softmax
+        ids = torch.tensor([prompts[row] + comps[row]])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids).logits[0] / 0.7, -1)
+        P = len(prompts[row])
+        want = ref[P - 1 : -1].gather(-1, torch.tensor(comps[row])[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp[row, : len(comps[row])].detach(), want, atol=1e-5, rtol=0)
+        want_ent = -(ref.exp() * ref).sum(-1)[P - 1 : -1]
+        torch.testing.assert_close(ent[row, : len(comps[row])].detach(), want_ent, atol=1e-4, rtol=0)
+
+
+def test_eos_ids_include_tokenizer_and_generation_config(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    ids = tg.eos_token_ids(tok, tiny_models["policy"])
+    assert set(ids) == {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+
+
+# ---- real vLLM: stopping, seeds, weight sync ----
+def test_vllm_stops_on_every_eos_id_and_is_seeded(tiny_llm):
+    a = args_for(max_new_tokens=12, temperature=1.0)
+    prompt = [[5, 6, 7, 8]]
+    ids, lps, trunc = tg.generate_vllm(tiny_llm, prompt * 2, [11, 11], a, eos_ids=[], show_progress=False)
+    assert ids[0] == ids[1] and len(ids[0]) == 12 and trunc == [True, True]  # same seed, same sample
+    assert len(lps[0]) == len(ids[0])
+    other, _, _ = tg.generate_vllm(tiny_llm, prompt, [12], a, eos_ids=[], show_progress=False)
+    assert other[0] != ids[0]
+    for k in (2, 5):  # declare the k-th sampled token an EOS id, next to a token never sampled
+        stop_ids, _, stop_trunc = tg.generate_vllm(tiny_llm, prompt, [11], a, eos_ids=[1023, ids[0][k]], show_progress=False)
+        first = ids[0].index(ids[0][k])
+        assert stop_ids[0] == ids[0][: first + 1] and stop_trunc == [False]  # EOS kept, then stop
+
+
+def test_hf_fallback_stops_on_every_eos_id(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    a = args_for(max_new_tokens=10)
+    ids, lps, trunc = tg.generate_hf(model, [[5, 6, 7], [5, 6]], seed=3, args=a, eos_ids=[], pad_id=0)
+    assert lps is None and all(len(x) == 10 for x in ids) and trunc == [True, True]
+    again, _, _ = tg.generate_hf(model, [[5, 6, 7], [5, 6]], seed=3, args=a, eos_ids=[], pad_id=0)
+    assert again == ids
+    stop = ids[0][3]
+    cut, _, cut_trunc = tg.generate_hf(model, [[5, 6, 7], [5, 6]], seed=3, args=a, eos_ids=[1023, stop], pad_id=0)
+    assert cut[0] == ids[0][: ids[0].index(stop) + 1] and cut_trunc[0] is False
+
+
+class _Plain:  # stands in for an Accelerator with one process and no sharding
+    state = None
+
+    @staticmethod
+    def unwrap_model(m):
+        return m
+
+
+def _vllm_vs_hf_error(llm, model, names="state_dict"):
+    """Generate with vLLM, then compare its sampler log-probs with the trainer's on the same tokens."""
+    a = args_for(max_new_tokens=16, temperature=1.0)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    ids, lps, _ = tg.generate_vllm(llm, prompts, [1, 2], a, eos_ids=[], show_progress=False)
+    b = tg.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
+    with torch.no_grad():
+        hf, _ = tg.completion_logprobs(model, b, temperature=1.0)
+    return max((hf[i, : len(ids[i])] - torch.tensor(lps[i])).abs().max().item() for i in range(2))
+
+
+def test_weight_sync_makes_vllm_match_the_trainer(tiny_llm, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    assert _vllm_vs_hf_error(tiny_llm, model) < 1e-4  # same weights to begin with
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    assert _vllm_vs_hf_error(tiny_llm, model) > 1e-2  # stale engine: the check can fail
+    tg.sync_weights(tiny_llm, model, _Plain())
+    assert _vllm_vs_hf_error(tiny_llm, model) < 1e-4
+    # the classic bug: named_parameters() omits the tied lm_head, leaving vLLM neither old nor new
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    runner = tiny_llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    runner.reload_weights(weights_iterator=iter(list(model.named_parameters())))
+    tiny_llm.reset_prefix_cache()
+    broken = _vllm_vs_hf_error(tiny_llm, model)
+    tg.sync_weights(tiny_llm, model, _Plain())
+    assert _vllm_vs_hf_error(tiny_llm, model) < 1e-4
+    assert broken > 1e-2, f"named_parameters sync unexpectedly matched ({broken})"
+
+
+# ---- end to end (subprocesses) ----
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return acc
+
+
+def _rollouts(run_dir):
+    with open(os.path.join(run_dir, "rollouts.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+SMOKE = ["--preset", "cpu-smoke", "--prompts-per-step", "4", "--max-new-tokens", "12"]
+
+
+def test_cpu_smoke_vllm_end_to_end(tmp_path, tiny_models):
+    out = tmp_path / "run"
+    proc = run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "3", "--save-every", "2", "--output-dir", str(out)])
+    assert proc.stdout.count("step ") >= 3 and "reward trend" in proc.stdout
+    assert [os.path.basename(p) for p in tg.list_checkpoints(str(out))] == ["checkpoint-2", "checkpoint-3"]
+    ckpt = out / "checkpoint-3"
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
+    rows = _rollouts(str(out))
+    assert len(rows) == 3 * 4 * 4 and {r["finish_reason"] for r in rows} <= {"stop", "length"}
+    acc = _events(str(out))
+    for key in ("rewards/mean", "rewards/frac_zero_std", "completions/clipped_ratio", "policy/tis_weight_mean",
+                "policy/clipfrac", "time/rollout", "time/reward", "time/train", "time/weight_sync", "losses/grad_norm"):  # fmt: skip
+        assert len(acc.Scalars(key)) == 3, key
+    # the checkpoint is a plain HF folder that vLLM serves
+    check = "from vllm import LLM; llm = LLM(model=%r, dtype='float32', enforce_eager=True, kv_cache_memory_bytes=2**27); print('OK', len(llm.generate(['hi'], use_tqdm=False)[0].outputs[0].token_ids))"
+    assert "OK" in run_script([PY, "-c", check % str(ckpt)], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}).stdout
+
+
+def test_cpu_smoke_hf_fallback_end_to_end(tmp_path, tiny_models):
+    out = tmp_path / "run"
+    run_script([PY, "train_grlo.py", *SMOKE, "--no-use-vllm", "--max-steps", "2", "--num-minibatches", "2", "--output-dir", str(out)])
+    acc = _events(str(out))
+    assert len(acc.Scalars("rewards/mean")) == 2 and "policy/tis_weight_mean" not in acc.Tags()["scalars"]
+    assert (out / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_two_process_launch_with_vllm(tmp_path, tiny_models):
+    out = tmp_path / "run"
+    proc = run_script([PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "train_grlo.py", *SMOKE, "--max-steps", "2",
+                       "--output-dir", str(out)])  # fmt: skip
+    assert proc.stdout.count("step ") == 2  # only rank 0 prints
+    rows = _rollouts(str(out))
+    assert len(rows) == 2 * 4 * 4 // 2  # rank 0 logs its own half of every step
+    assert (out / "checkpoint-2" / "model.safetensors").exists()
+    assert os.path.exists(out / "checkpoint-2" / "trainer_state" / "random_states_1.pkl")  # both ranks saved RNG
+
+
+def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
+    from safetensors.torch import load_file
+
+    common = [PY, "train_grlo.py", *SMOKE, "--max-steps", "4", "--save-every", "2", "--keep-last", "5"]
+    full = tmp_path / "full"
+    run_script(common + ["--output-dir", str(full)])
+    # second run: SIGKILL as soon as checkpoint-2 exists, then resume
+    part = tmp_path / "part"
+    proc = subprocess.Popen(common + ["--output-dir", str(part)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (part / "checkpoint-2").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (part / "checkpoint-2").exists() and not (part / "checkpoint-4").exists()
+    run_script(common + ["--output-dir", str(part), "--resume"])
+    a, b = _rollouts(str(full)), _rollouts(str(part))
+    assert [(r["step"], r["completion"]) for r in a] == [(r["step"], r["completion"]) for r in b]
+    wa, wb = load_file(str(full / "checkpoint-4" / "model.safetensors")), load_file(str(part / "checkpoint-4" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_models):
+    out = tmp_path / "run"
+    run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "1", "--output-dir", str(out)])
+    proc = run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "3", "--resume", "--learning-rate", "inf", "--output-dir", str(out)], check=False)
+    assert proc.returncode != 0 and "non-finite gradient norm" in proc.stderr
+    assert [os.path.basename(p) for p in tg.list_checkpoints(str(out))] == ["checkpoint-1"]
+
+
+def test_help_documents_every_flag():
+    out = run_script([PY, "train_grlo.py", "--help"]).stdout
+    import dataclasses
+
+    for f in dataclasses.fields(tg.Args):
+        assert "--" + f.name.replace("_", "-") in out, f.name
