@@ -503,7 +503,8 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, k
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; full on rank 0
-    accelerator.save_state(os.path.join(tmp, "trainer_state"))
+    accelerator.save_state(os.path.join(tmp, "trainer_state"))  # every rank writes its own RNG file
+    accelerator.wait_for_everyone()  # ... before rank 0 renames the folder under it
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
@@ -691,8 +692,9 @@ def main(args: Args):
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 if not torch.isfinite(grad_norm):  # all ranks see the same all-reduced norm, so all stop
                     raise FloatingPointError(
-                        f"step {step}: non-finite gradient norm ({grad_norm}); nothing was applied. The last good "
-                        f"checkpoint is {(list_checkpoints(args.output_dir) or ['(none)'])[-1]}; lower --learning-rate or use fp32."
+                        f"step {step + 1}: non-finite gradient norm ({grad_norm}, rewards/mean {all_rewards.mean():.4g}); "
+                        f"this update was not applied and nothing was saved. The last good checkpoint is "
+                        f"{(list_checkpoints(args.output_dir) or ['(none)'])[-1]}. Check the rewards, lower --learning-rate or use fp32."
                     )
                 optimizer.step()
                 scheduler.step()

@@ -1,0 +1,645 @@
+"""How GRLO judges a response: a reward model, math verification, or running the code.
+
+Training and evaluation both import this module, so they score a response the same way.
+
+1. Reward model (`RewardModel`): the Skywork-Reward-V2 convention. Render the conversation with the RM
+   tokenizer's own chat template, take the logit at the last real token (an unbounded Bradley-Terry logit).
+2. Math (`math_reward`): HuggingFace `math-verify`, `verify(parse(gold), parse(pred))`, gold first. Runs in
+   killable worker processes, because some inputs hang sympy in C code that no signal can interrupt.
+3. Code (`code_reward`): extract the last ```python block and run it against the tests in a throw-away
+   sandbox (`run_python`): new network + PID namespaces, an unprivileged uid, rlimits, a hard deadline.
+4. Routing (`compute_rewards`): per row by `reward_model.style` ("model" or "rule"), then by `ability`.
+   This is our reading of the official release's "style_mix" reward manager, whose code is not public.
+
+Known limits of the sandbox: no cgroups (memory is bounded per process, so MAX_PROCS * memory_mb per run);
+a program may leave files (each < MAX_FILE_BYTES) in world-writable dirs such as /tmp and /dev/shm; the
+in-process test harness trusts that a program does not walk the interpreter's frames to find the nonce.
+
+    .venv/bin/pytest tests/test_reward.py -q    # unit + sandbox-attack tests
+    .venv/bin/python bench/bench_reward.py      # samples/s, serial vs parallel
+"""
+
+import base64
+import contextlib
+import functools
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+MATH_TIMEOUT_S = 5.0  # hard wall-clock bound per math_reward call (parse + verify), enforced by SIGKILL
+CODE_TIMEOUT_S = 10.0  # wall-clock bound per sandboxed process in compute_rewards
+OUTPUT_CAP_BYTES = 4 << 20  # per stream; a program that prints more is killed (ok=False, output_truncated)
+MAX_FILE_BYTES = 64 << 20  # RLIMIT_FSIZE: the largest file a sandboxed program may write
+MAX_PROCS = 16  # RLIMIT_NPROC (threads count too); worst-case memory of one run is MAX_PROCS * memory_mb
+# Each run gets its own random uid from this range: RLIMIT_NPROC counts per uid, so a fork storm in one
+# sandbox cannot starve concurrent ones, and "kill every process of this uid" hits exactly one run.
+SANDBOX_UID_BASE, SANDBOX_UID_SPAN = 3_000_000_000, 1 << 24
+EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+# ---- 1. reward model (Skywork-Reward-V2 convention, CONTEXT.md) ----
+class RewardModel:
+    """A sequence-classification RM with num_labels=1. Each Accelerate rank scores its own samples."""
+
+    def __init__(self, name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 batch_size: int = 8, max_length: int = 4096):
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{name_or_path}: the RM tokenizer has no chat template to render conversations")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype)
+        self.model.to(device).eval()
+        if not hasattr(self.model, "score"):
+            raise ValueError(f"{type(self.model).__name__}: expected a `score` head (Llama/Qwen/Mistral/Gemma RMs)")
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        # Pads sit after the last real token (right padding) and are masked, so their id never matters.
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.eos_texts = tuple({t for t in (self.tokenizer.eos_token, *EOS_TEXTS) if t})
+        self.last_num_truncated = 0  # conversations longer than max_length in the last score() call
+        self.num_truncated = 0  # ... since construction
+
+    def _render(self, messages: list[dict], response: str) -> str:
+        conversation = list(messages) + [{"role": "assistant", "content": response}]
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
+
+    def _ids(self, text: str) -> list[int]:
+        # The rendered template already holds BOS if the RM wants one; a second BOS breaks Skywork scores.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, messages: list[dict], response: str) -> tuple[list[int], bool]:
+        """Token ids of the conversation, and whether it had to be truncated to max_length."""
+        ids = self._ids(self._render(messages, response))
+        if len(ids) <= self.max_length:
+            return ids, False
+        # Too long: cut the response from the LEFT at the token level, so the prompt's start, the end of
+        # the response and the closing template tokens (the pooled position) all survive.
+        marker = "\u2063GRLO_RESPONSE\u2063"
+        rendered = self._render(messages, marker)
+        if rendered.count(marker) != 1:  # an exotic template that rewrites content: keep the end
+            logger.warning("RM template hides the response; keeping the last %d tokens", self.max_length)
+            return ids[-self.max_length :], True
+        head, tail = (self._ids(part) for part in rendered.split(marker))
+        body = self._ids(response)
+        keep = min(len(body), max(self.max_length - len(head) - len(tail), self.max_length // 2))
+        head = head[: max(self.max_length - len(tail) - keep, 0)]  # only if the prompt alone is huge
+        return head + body[len(body) - keep :] + tail, True
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        """One scalar per (prompt messages, response text); unbounded logits, higher is better."""
+        encoded = []
+        for messages, response in zip(prompts, responses, strict=True):
+            while response.endswith(self.eos_texts):  # decoded with special tokens: strip EOS text
+                response = response[: -len(next(e for e in self.eos_texts if response.endswith(e)))]
+            encoded.append(self._encode(messages, response))
+        self.last_num_truncated = sum(cut for _, cut in encoded)
+        self.num_truncated += self.last_num_truncated
+        if self.last_num_truncated:
+            logger.warning("RM: %d/%d conversations exceed max_length=%d; scored with the response's end",
+                           self.last_num_truncated, len(encoded), self.max_length)
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths, less padding
+        scores = [0.0] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            seqs = [encoded[i][0] for i in batch]
+            input_ids = torch.full((len(seqs), max(map(len, seqs))), self.pad_id, dtype=torch.long)  # (B, T)
+            attention_mask = torch.zeros_like(input_ids)  # (B, T), 1 on real tokens
+            for row, seq in enumerate(seqs):
+                input_ids[row, : len(seq)] = torch.tensor(seq)
+                attention_mask[row, : len(seq)] = 1
+            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+            # Pool ourselves at the last real token (right padding): pad_token_id may be missing or equal
+            # EOS, which would fool the model's own pooling. The head is linear, so pool-then-score is exact.
+            last = attention_mask.sum(-1) - 1  # (B,)
+            pooled = hidden.last_hidden_state[torch.arange(len(seqs)), last.to(self.device)]  # (B, H)
+            for i, value in zip(batch, self.model.score(pooled)[:, 0].float().tolist()):
+                scores[i] = value
+        return scores
+
+
+# ---- 2. math: math-verify in killable worker processes ----
+def _math_worker_main() -> None:
+    """Child loop: read `[gold, pred]` JSON lines, answer `[correct, status]` lines.
+
+    Runs as `python -c <this function's source>`, so it must stay self-contained and import nothing
+    heavy (no torch). math-verify's own timeouts use signal.alarm (main thread only, and useless inside
+    C code), so they are off (None) here; the parent enforces the deadline by killing this process.
+    Not sandboxed: math-verify evaluates model text only through ANTLR (LaTeX) or sympy's parse_expr on
+    strings its regex limits to digits, operators and brackets.
+    """
+    import json, logging, os, resource, sys  # noqa: E401
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a sympy blow-up: MemoryError, not host OOM
+    logging.disable(logging.WARNING)  # "timeout is disabled" warnings: we bound calls ourselves
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    gold_config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    pred_config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    replies = os.fdopen(os.dup(1), "w")  # private reply channel; stray prints in libraries go to stderr
+    os.dup2(2, 1)
+
+    def check(gold_text, pred_text):
+        gold = parse(gold_text, gold_config, parsing_timeout=None)
+        if not gold:
+            return False, "no_gold"
+        pred = parse(pred_text, pred_config, parsing_timeout=None)
+        if not pred:
+            return False, "no_answer"
+        return bool(verify(gold, pred, timeout_seconds=None)), "ok"
+
+    check("\\boxed{1}", "\\boxed{1}")  # warm up lazy regexes and the ANTLR parser before saying ready
+    replies.write("ready\n")
+    replies.flush()
+    for line in sys.stdin:
+        try:
+            reply = check(*json.loads(line))
+        except BaseException as e:  # math-verify's TimeoutException, RecursionError, MemoryError ...
+            reply = (False, "error:" + type(e).__name__)
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+_math_idle: list[subprocess.Popen] = []  # idle workers; each busy one is owned by exactly one thread
+_math_lock = threading.Lock()
+_math_owner_pid = os.getpid()  # a forked child must not share its parent's worker pipes
+MATH_FAILURES: Counter = Counter()  # cumulative: "timeout", "crash", "no_gold", "error:<exception>"
+
+
+def _readable(pipe, timeout_s: float) -> bool:
+    # poll, not select: select() fails on fds >= 1024, common in a trainer with vLLM and datasets open.
+    poller = select.poll()
+    poller.register(pipe, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
+
+
+def _spawn_math_worker() -> subprocess.Popen:
+    source = textwrap.dedent(inspect.getsource(_math_worker_main)) + "\n_math_worker_main()\n"
+    worker = subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    if not _readable(worker.stdout, 120) or worker.stdout.readline() != "ready\n":
+        _kill_worker(worker)
+        raise RuntimeError("math-verify worker did not start (is math-verify[antlr4_13_2] installed?)")
+    return worker
+
+
+def _kill_worker(worker: subprocess.Popen) -> None:
+    worker.kill()
+    worker.communicate()  # reaps it and closes both pipes
+
+
+def _math_check(gold_text: str, pred_text: str, timeout_s: float) -> tuple[bool, str]:
+    """(correct, status) from a worker process, killed and replaced if it misses the deadline."""
+    global _math_owner_pid
+    with _math_lock:
+        if _math_owner_pid != os.getpid():
+            _math_idle.clear()
+            _math_owner_pid = os.getpid()
+        worker = _math_idle.pop() if _math_idle else None
+    try:
+        worker = worker or _spawn_math_worker()  # start-up time does not count against the deadline
+        worker.stdin.write(json.dumps([gold_text, pred_text]) + "\n")
+        worker.stdin.flush()
+        if not _readable(worker.stdout, timeout_s):
+            _kill_worker(worker)
+            return False, "timeout"
+        correct, status = json.loads(worker.stdout.readline())  # "" (worker died) raises ValueError
+    except (OSError, ValueError, RuntimeError) as e:
+        logger.warning("math-verify worker failed (%s: %s); scoring 0", type(e).__name__, e)
+        if worker is not None:
+            _kill_worker(worker)
+        return False, "crash"
+    with _math_lock:
+        _math_idle.append(worker)
+    return bool(correct), status
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces; None if absent or unclosed."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    depth, begin = 0, text.index("{", start)
+    for j in range(begin, len(text)):
+        depth += (text[j] == "{") - (text[j] == "}")
+        if depth == 0:
+            return text[begin + 1 : j]
+    return None
+
+
+def _answer_text(text: str, *, gold: bool) -> str:
+    """What math-verify should parse: the last \\boxed{}, else GSM8K's '#### N', else the raw text."""
+    # math-verify would merge ALL boxed answers into a set; the last one is the model's final answer.
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return "\\boxed{" + boxed + "}"
+    hashes = re.findall(r"####\s*([^\n]+)", text)
+    if hashes:
+        return "\\boxed{" + hashes[-1].strip() + "}"
+    # A bare gold ("42", "[1,2)", "\{1,2\}", "1,000") parses reliably as LaTeX once boxed; a prediction
+    # without a box falls back to math-verify's own final-answer extraction (LaTeX, then plain numbers).
+    return "\\boxed{" + text.strip() + "}" if gold else text
+
+
+def _math_score(response: str, ground_truth: str, timeout_s: float = MATH_TIMEOUT_S) -> tuple[float, str]:
+    correct, status = _math_check(_answer_text(str(ground_truth), gold=True), _answer_text(response, gold=False),
+                                  timeout_s)
+    if status not in ("ok", "no_answer"):
+        with _math_lock:
+            MATH_FAILURES[status] += 1
+    return float(correct), status
+
+
+def math_reward(response: str, ground_truth: str, *, timeout_s: float = MATH_TIMEOUT_S) -> float:
+    """1.0 if the response's final answer equals ground_truth (math-verify), else 0.0. Never raises or hangs;
+    thread-safe. Timeouts and worker crashes are counted in MATH_FAILURES."""
+    return _math_score(response, ground_truth, timeout_s)[0]
+
+
+# ---- 3. the code sandbox ----
+@dataclass
+class ExecResult:
+    ok: bool  # exit 0 within time and output limits
+    timed_out: bool
+    returncode: int  # <0: killed by that signal; under unshare a SIGKILLed program shows as 1 (unshare's own exit)
+    stdout: str  # at most OUTPUT_CAP_BYTES
+    stderr: str  # at most OUTPUT_CAP_BYTES
+    duration_s: float = 0.0
+    output_truncated: bool = False  # the program printed more than the cap and was killed
+
+
+_sandbox: dict | None = None
+_sandbox_lock = threading.Lock()
+
+
+def _setpriv_cmd(setpriv: str, uid: int) -> list[str]:
+    # No supplementary groups, no capabilities, no setuid-binary escalation; SIGKILL if unshare dies.
+    return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+            "--bounding-set=-all", "--pdeathsig=SIGKILL", "--"]
+
+
+def sandbox_caps() -> dict:
+    """Probe once which isolation layers work here: {"unshare": argv prefix | None, "setpriv": path | None}."""
+    global _sandbox
+    with _sandbox_lock:
+        if _sandbox is not None:
+            return _sandbox
+
+        def works(prefix):
+            try:
+                return subprocess.run(prefix + [shutil.which("true") or "/bin/true"], capture_output=True,
+                                      timeout=30).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                return False
+
+        caps = {"unshare": None, "setpriv": None}
+        unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+        ns_flags = ["--net", "--pid", "--fork", "--mount-proc", "--kill-child"]
+        # As root the namespaces need no user namespace; as a normal user try one (maps us to "root").
+        for flags in (ns_flags, ["--user", "--map-root-user", *ns_flags]):
+            if unshare and works([unshare, *flags, "--"]):
+                caps["unshare"] = [unshare, *flags, "--"]
+                break
+        if setpriv and os.geteuid() == 0 and works(_setpriv_cmd(setpriv, SANDBOX_UID_BASE)):
+            caps["setpriv"] = setpriv
+        if not (caps["unshare"] and caps["setpriv"]):
+            logger.warning("code sandbox degraded:%s%s", "" if caps["unshare"] else " no `unshare` namespaces "
+                           "(programs reach the network, see host processes; daemons may outlive a run);",
+                           "" if caps["setpriv"] else " no throw-away uid (needs root + setpriv): programs "
+                           "run with our uid and file permissions")
+        _sandbox = caps
+        return caps
+
+
+def _limit_resources(cpu_s: int, memory_bytes: int) -> None:
+    """preexec_fn, in the forked child before exec: setrlimit only (no imports, no locks: we may be threaded).
+    unshare/setpriv run as root and ignore RLIMIT_NPROC; it binds once setpriv has switched uid."""
+    for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_s),
+                         (resource.RLIMIT_NPROC, MAX_PROCS), (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),
+                         (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value))
+
+
+def _kill_sandbox(proc: subprocess.Popen, uid: int | None) -> None:
+    """SIGKILL everything the run started. Call before reaping `proc`, so its pgid cannot be reused."""
+    if uid is not None:
+        # kill(-1) as the run's own uid reaches every process of that uid anywhere (setsid escapees,
+        # double-forked daemons) and nothing else. With namespaces it kills the namespace's init, so the
+        # kernel kills and reaps the rest before unshare (our `proc`) can exit: once reaped, all are gone.
+        subprocess.run(_setpriv_cmd(sandbox_caps()["setpriv"], uid) + ["/bin/sh", "-c", "kill -9 -1"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return
+    with contextlib.suppress(ProcessLookupError):  # degraded: our session (setsid escapes it)
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _feed_stdin(pipe, data: bytes) -> None:
+    """In a thread, so a large stdin can never deadlock against the output we read."""
+    with contextlib.suppress(OSError), pipe:  # the program may exit without reading it all
+        pipe.write(data)
+
+
+def run_python(code: str, *, stdin: str = "", timeout_s: float = 10.0, memory_mb: int = 1024) -> ExecResult:
+    """Run untrusted `code` with `python -I` in a fresh sandbox; return within ~timeout_s, leave nothing behind.
+
+    Layers: fresh temp dir as cwd (the only writable place for the program's uid), scrubbed env, new
+    session, rlimits (address space, CPU s, processes, file size, no core), capped output, a wall-clock
+    deadline with SIGKILL to everything; plus, where available, new network + PID namespaces (`unshare`)
+    and a throw-away unprivileged uid without capabilities (`setpriv`)."""
+    caps = sandbox_caps()
+    uid = SANDBOX_UID_BASE + random.randrange(SANDBOX_UID_SPAN) if caps["setpriv"] else None
+    workdir = tempfile.mkdtemp(prefix="grlo_sandbox_")
+    start = time.monotonic()
+    deadline = start + timeout_s
+    proc = feeder = None
+    killed = False
+    try:
+        with open(os.path.join(workdir, "main.py"), "w") as f:
+            f.write(code)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        cmd = list(caps["unshare"] or []) + (_setpriv_cmd(caps["setpriv"], uid) if uid is not None else [])
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        proc = subprocess.Popen(
+            cmd + [sys.executable, "-I", "main.py"], cwd=workdir, env=env, start_new_session=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=functools.partial(_limit_resources, math.ceil(timeout_s) + 1, memory_mb << 20),
+        )
+        feeder = threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin.encode()), daemon=True)
+        feeder.start()
+        buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        open_fds, exited, timed_out, truncated = set(buffers), False, False, False
+        poller = select.poll()
+        for fd in buffers:
+            poller.register(fd, select.POLLIN)
+        while not truncated:
+            # WNOWAIT: see the exit without reaping, so the pid (= our pgid) stays ours until the kill below.
+            if not exited and os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                exited = killed = True
+                if not caps["unshare"]:  # (a namespace died with its init) leftovers holding our pipes die now
+                    _kill_sandbox(proc, uid)
+            if exited and not open_fds:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = not exited
+                break
+            if not open_fds:  # the program closed stdout/stderr but still runs
+                time.sleep(min(remaining, 0.05))
+                continue
+            for fd, _ in poller.poll(min(remaining, 0.05) * 1000):
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    open_fds.discard(fd)
+                    poller.unregister(fd)
+                room = OUTPUT_CAP_BYTES - len(buffers[fd])
+                buffers[fd] += chunk[:room]
+                truncated |= len(chunk) > room  # an output flood: stop reading, kill below
+    finally:
+        if proc is not None:
+            if not killed:  # deadline, output flood, or an exception here: nothing may outlive the call
+                _kill_sandbox(proc, uid)
+            for pipe in (proc.stdout, proc.stderr):  # unblocks unshare if it writes into a full pipe
+                pipe.close()
+            try:
+                returncode = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # cannot happen unless unshare itself hangs
+                os.killpg(proc.pid, signal.SIGKILL)
+                returncode = proc.wait()
+        if feeder is not None:
+            feeder.join(timeout=1.0)
+        shutil.rmtree(workdir, ignore_errors=True)
+    out, err = (bytes(buf).decode("utf-8", "replace") for buf in buffers.values())
+    return ExecResult(ok=returncode == 0 and not timed_out and not truncated, timed_out=timed_out,
+                      returncode=returncode, stdout=out, stderr=err, duration_s=time.monotonic() - start,
+                      output_truncated=truncated)
+
+
+# ---- 4. code reward: extract the program, run the tests ----
+# Runs the program, then each test, in ONE sandboxed process. Results go out as "<nonce> <i> <passed>"
+# lines; the nonce arrives on stdin (not in this file, which the program can read), so a program cannot
+# forge results, and one that exits early (sys.exit(0), os._exit) simply reports nothing.
+_TEST_HARNESS = '''\
+import os, sys, traceback
+
+def _grlo_main(source, tests, stop_on_fail):
+    nonce = sys.stdin.readline().strip()
+    report = os.dup(1)  # the program may redirect or close sys.stdout
+    namespace = {"__name__": "solution"}  # skip the program's own `if __name__ == "__main__":` demo
+    try:
+        exec(compile(source, "solution.py", "exec"), namespace)
+    except BaseException:
+        traceback.print_exc()
+    for i, test in enumerate(tests):
+        try:
+            exec(compile(test, f"test_{i}.py", "exec"), namespace)
+            passed = 1
+        except BaseException:
+            traceback.print_exc()
+            passed = 0
+        os.write(report, f"\\n{nonce} {i} {passed}\\n".encode())
+        if stop_on_fail and not passed:
+            break
+'''
+_STDIO_KEYS = ("inputs", "input_output", "public_test_cases", "private_test_cases")
+# LiveCodeBench prepends imports to LeetCode-style ("functional") solutions, whose starter code uses List.
+_FUNCTIONAL_PRELUDE = "from typing import *\nimport bisect, collections, functools, heapq, itertools, math, re\n"
+
+
+def extract_code(response: str) -> str:
+    """The last fenced ```python (or bare ```) block, else the whole text."""
+    blocks = re.findall(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", response, re.DOTALL)
+    code = [body for lang, body in blocks if lang.lower() in ("", "python", "py", "python3")]
+    return code[-1] if code else response
+
+
+def _json_field(value):
+    """A hub field that may be JSON text, or LiveCodeBench's base64(zlib(pickle(json text))) encoding."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        pass
+
+    class _StrOnly(pickle.Unpickler):  # the payload is a pickled str: refuse any object construction
+        def find_class(self, module, name):
+            raise pickle.UnpicklingError(f"refusing {module}.{name} in test data")
+
+    raw = zlib.decompress(base64.b64decode(value.encode()))
+    return json.loads(_StrOnly(io.BytesIO(raw)).load())
+
+
+def _run_tests(source: str, tests: list[str], all_or_nothing: bool, timeout_s: float) -> tuple[float, bool]:
+    """Pass fraction of assert-style `tests` against `source` (one process), and whether it timed out."""
+    nonce = "%032x" % random.getrandbits(128)
+    harness = _TEST_HARNESS + f"\n_grlo_main({source!r}, {tests!r}, {all_or_nothing!r})\n"
+    result = run_python(harness, stdin=nonce + "\n", timeout_s=timeout_s)
+    passed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith(nonce) and line.endswith(" 1")}
+    return len(passed) / len(tests), result.timed_out
+
+
+def _normalise(text: str) -> list[str]:
+    return [" ".join(line.split()) for line in text.strip().splitlines()]
+
+
+def _run_stdio(code: str, cases: list[tuple[str, str]], all_or_nothing: bool, timeout_s: float) -> tuple[float, bool]:
+    """Pass fraction over stdin/stdout cases, one sandbox each; outputs compared line by line, whitespace
+    normalised. A time-out ends the run: the remaining (usually larger) cases would time out too."""
+    passed = 0
+    for stdin, expected in cases:
+        result = run_python(code, stdin=stdin, timeout_s=timeout_s)
+        ok = result.ok and _normalise(result.stdout) == _normalise(expected)
+        passed += ok
+        if result.timed_out:
+            return passed / len(cases), True
+        if all_or_nothing and not ok:
+            break
+    return passed / len(cases), False
+
+
+def _code_score(response: str, tests, all_or_nothing: bool = True, timeout_s: float = 10.0) -> tuple[float, bool]:
+    t = json.loads(tests) if isinstance(tests, str) else tests
+    t = {"test_list": t} if isinstance(t, list) else dict(t)
+    code = extract_code(response)
+    if any(k in t for k in _STDIO_KEYS):
+        # LiveCodeBench: JSON lists of {"input", "output", "testtype"}; APPS/TACO: {"inputs", "outputs"}.
+        cases = [c for k in ("public_test_cases", "private_test_cases") for c in _json_field(t.get(k)) or []]
+        apps = _json_field(t["input_output"]) if "input_output" in t else t
+        if apps.get("fn_name"):
+            raise ValueError("call-based `input_output` (fn_name) is not supported; give stdin/stdout cases")
+        cases += [{"input": i, "output": o} for i, o in zip(apps.get("inputs", []), apps.get("outputs", []))]
+        if not cases:
+            raise ValueError("code tests have stdin/stdout keys but no cases")
+        if any(c.get("testtype") == "functional" for c in cases):
+            # LeetCode-style: each input line is one JSON argument of Solution().<func_name>(...).
+            fn = _json_field(t.get("metadata") or "{}").get("func_name")
+            asserts = [f"_r = Solution().{fn}(*{[json.loads(a) for a in c['input'].splitlines()]!r})\n"
+                       f"assert (list(_r) if isinstance(_r, tuple) else _r) == {json.loads(c['output'])!r}"
+                       for c in cases]
+            return _run_tests(_FUNCTIONAL_PRELUDE + code, asserts, all_or_nothing, timeout_s)
+        return _run_stdio(code, [(c["input"], c["output"]) for c in cases], all_or_nothing, timeout_s)
+    if "entry_point" in t and "def check(" in str(t.get("test")):
+        # HumanEval(+): the prompt holds the signature and the imports (typing.List ...) that models drop
+        # when they answer with the whole function; with a body-only answer, the code continues the prompt.
+        prompt = t.get("prompt", "")
+        defined = re.search(rf"^\s*def\s+{re.escape(t['entry_point'])}\s*\(", code, re.MULTILINE)
+        source = prompt + ("\n\n" if defined else "") + code
+        return _run_tests(source, [t["test"] + f"\n\ncheck({t['entry_point']})\n"], all_or_nothing, timeout_s)
+    if "test_list" in t or "test" in t:
+        # MBPP: asserts in `test_list` (+ `test_setup_code`); MBPP+: `test_imports` and the `test` script;
+        # our bundled rows: {"entry_point", "test_list"}.
+        setup = "\n".join(list(t.get("test_imports") or []) + [t.get("test_setup_code") or ""])
+        units = list(t.get("test_list") or []) + ([t["test"]] if t.get("test") else [])
+        return _run_tests(setup + "\n" + code, units, all_or_nothing, timeout_s)
+    raise ValueError(f"unrecognised code tests: keys {sorted(t)}")
+
+
+def code_reward(response: str, tests, *, all_or_nothing: bool = True, timeout_s: float = 10.0) -> float:
+    """Run the response's last ```python block against `tests` (a hub row's dict or its JSON string).
+
+    Default all_or_nothing=True: 1.0 only if every test passes, the pass@k notion of a correct program.
+    all_or_nothing=False: the fraction of tests passed. timeout_s bounds each sandboxed process."""
+    fraction = _code_score(response, tests, all_or_nothing, timeout_s)[0]
+    return fraction if not all_or_nothing else float(fraction == 1.0)
+
+
+# ---- 5. routing: our reading of the official "style_mix" reward manager ----
+_CODE_TEST_KEYS = ("test_list", "test", "entry_point", *_STDIO_KEYS)
+
+
+def _rule_kind(row: dict) -> str:
+    if row.get("ability") in ("math", "code"):
+        return row["ability"]
+    truth = row["reward_model"].get("ground_truth")
+    if isinstance(truth, str) and truth.lstrip().startswith("{"):
+        try:
+            truth = json.loads(truth)
+        except ValueError:
+            pass
+    return "code" if isinstance(truth, dict) and any(k in truth for k in _CODE_TEST_KEYS) else "math"
+
+
+def _rule_reward(kind: str, response: str, truth) -> tuple[float, str]:
+    if kind == "math":
+        return _math_score(response, truth)
+    fraction, timed_out = _code_score(response, truth, timeout_s=CODE_TIMEOUT_S)
+    return float(fraction == 1.0), "timeout" if timed_out else "ok"
+
+
+def compute_rewards(rows: list[dict], responses: list[str], reward_model: "RewardModel | None" = None,
+                    *, max_workers: int | None = None) -> tuple[list[float], dict[str, float]]:
+    """Reward for each (row, response); rows[i] is the verl-format row of responses[i] (already repeated G times).
+
+    reward_model.style "model": RewardModel.score on row["prompt"]. "rule": math or code by row["ability"],
+    else by the ground truth's shape (a dict or JSON with test keys is code). Rule rewards of the whole batch
+    run concurrently (threads around sandbox / math-worker subprocesses) while the RM scores.
+    Returns (rewards, stats): per-source means and failure counts, for logging under rewards/."""
+    if len(rows) != len(responses):
+        raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
+    kinds = []
+    for row in rows:  # validate everything before any work starts
+        style = (row.get("reward_model") or {}).get("style")
+        if style == "model":
+            if reward_model is None:
+                raise ValueError("a row has reward_model.style='model' but no RewardModel was given")
+            kinds.append("model")
+        elif style == "rule":
+            kinds.append(_rule_kind(row))
+        else:
+            index = (row.get("extra_info") or {}).get("index")
+            raise ValueError(f"unknown reward_model.style {style!r} (row extra_info.index={index})")
+    rewards, statuses = [0.0] * len(rows), ["ok"] * len(rows)
+    model_rows = [i for i, k in enumerate(kinds) if k == "model"]
+    # Threads only wait on subprocesses; 32 caps the idle math workers that stay alive on a big node.
+    with ThreadPoolExecutor(max_workers or min(32, os.cpu_count() or 1)) as pool:
+        futures = {i: pool.submit(_rule_reward, k, responses[i], rows[i]["reward_model"].get("ground_truth"))
+                   for i, k in enumerate(kinds) if k != "model"}
+        if model_rows:
+            scores = reward_model.score([rows[i]["prompt"] for i in model_rows], [responses[i] for i in model_rows])
+            for i, value in zip(model_rows, scores):
+                rewards[i] = value
+        for i, future in futures.items():
+            rewards[i], statuses[i] = future.result()
+    stats = {}
+    for kind in ("model", "math", "code"):
+        values = [r for r, k in zip(rewards, kinds) if k == kind]
+        if values:
+            stats[f"rewards/{kind}_mean"] = sum(values) / len(values)
+    count = Counter(zip(kinds, statuses))
+    if model_rows:
+        stats["rewards/rm_truncated"] = float(reward_model.last_num_truncated)
+    if "math" in kinds:  # failures: timeouts, crashed workers, unparsable gold; no_answer: nothing to parse
+        stats["rewards/math_failures"] = float(sum(n for (k, s), n in count.items()
+                                                   if k == "math" and s not in ("ok", "no_answer")))
+        stats["rewards/math_no_answer"] = float(count["math", "no_answer"])
+    if "code" in kinds:
+        stats["rewards/code_timeouts"] = float(count["code", "timeout"])
+    return rewards, stats

@@ -1,0 +1,598 @@
+"""Tests for reward.py: math verification, the code sandbox under attack, every code-test format,
+routing, and the reward model against a hand-written forward pass."""
+
+import base64
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import reward  # noqa: E402
+
+CAPS = reward.sandbox_caps()
+isolated = pytest.mark.skipif(
+    not (CAPS["unshare"] and CAPS["setpriv"]), reason="needs root with unshare + setpriv (the full sandbox)"
+)
+
+
+# ---- math ----
+@pytest.mark.parametrize(
+    "gold, response, expected",
+    [
+        ("42", "So the answer is \\boxed{42}.", 1.0),
+        ("1/2", "We get \\boxed{0.5}", 1.0),  # fraction vs decimal
+        ("0.5", "We get \\boxed{\\frac{1}{2}}", 1.0),
+        ("\\frac{1}{2}", "\\boxed{\\dfrac12}", 1.0),  # \dfrac, braceless arguments
+        ("\\frac{\\sqrt{2}}{2}", "\\boxed{\\frac{1}{\\sqrt{2}}}", 1.0),  # symbolic equality
+        ("x^2+1", "$\\boxed{1 + x^{2}}$", 1.0),
+        ("[1,2)", "The set is \\boxed{[1, 2)}", 1.0),  # interval
+        ("[1,2)", "The set is \\boxed{(1, 2)}", 0.0),  # open vs half-open
+        ("{1,2}", "\\boxed{\\{2, 1\\}}", 1.0),  # set, order-free
+        ("1,000", "\\boxed{1000}", 1.0),  # thousands separator
+        ("1000", "\\boxed{1,000}", 1.0),
+        ("5", "First \\boxed{3}, no wait: \\boxed{5}", 1.0),  # the last box counts ...
+        ("3", "First \\boxed{3}, no wait: \\boxed{5}", 0.0),  # ... and only the last
+        ("72", "She sold 48 + 24 = 72 clips.\n#### 72", 1.0),  # GSM8K format
+        ("Natalia sold 48/2 = 24 clips.\n#### 72", "#### 72", 1.0),  # GSM8K gold with its solution
+        ("72", "48 + 24 = 72, so the final answer is 72", 1.0),  # plain final answer
+        ("72", "\\boxed{71}", 0.0),
+        ("72", "I do not know.", 0.0),
+        ("\\text{(B)}", "\\boxed{B}", 1.0),
+    ],
+)
+def test_math_reward_equivalences(gold, response, expected):
+    assert reward.math_reward(response, gold) == expected
+
+
+@pytest.mark.parametrize(
+    "garbage", ["", "\\boxed{", "\\boxed{}", "}}}{{{\\frac", "\\boxed{\\frac{1}{0}}", "9" * 100_000, "\x00\udcff"],
+)
+def test_math_reward_garbage_is_zero(garbage):
+    start = time.monotonic()
+    assert reward.math_reward(garbage, "5") == 0.0
+    assert reward.math_reward("\\boxed{5}", garbage) == 0.0  # a broken gold scores 0 too, never raises
+    assert time.monotonic() - start < 2 * reward.MATH_TIMEOUT_S + 5
+
+
+def test_math_reward_hanging_expression_is_bounded():
+    before = reward.MATH_FAILURES["timeout"]
+    start = time.monotonic()
+    assert reward.math_reward("\\boxed{2003^{2002^{2001}}}", "5") == 0.0  # hangs sympy without the deadline
+    assert time.monotonic() - start < reward.MATH_TIMEOUT_S + 3
+    assert reward.MATH_FAILURES["timeout"] == before + 1
+    assert reward.math_reward("\\boxed{5}", "5") == 1.0  # the killed worker was replaced
+
+
+def test_math_reward_from_threads():
+    # signal.alarm-based timeouts would raise "signal only works in main thread" here.
+    cases = [(f"\\boxed{{{i}}}", str(i), 1.0) for i in range(12)]
+    cases += [(f"\\boxed{{{i}}}", str(i + 1), 0.0) for i in range(12)]
+    cases.append(("\\boxed{2003^{2002^{2001}}}", "5", 0.0))
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: reward.math_reward(c[0], c[1], timeout_s=1.0), cases))
+    assert got == [c[2] for c in cases]
+    assert time.monotonic() - start < 30
+
+
+# ---- sandbox ----
+def sandbox_processes(include_zombies: bool = True) -> list[int]:
+    """Host pids whose real uid is in the sandbox range: must be empty after every run_python call."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            uid = int(status["Uid"].split()[0])
+        except (OSError, ValueError, KeyError):
+            continue
+        in_range = reward.SANDBOX_UID_BASE <= uid < reward.SANDBOX_UID_BASE + reward.SANDBOX_UID_SPAN
+        if in_range and (include_zombies or not status["State"].strip().startswith("Z")):
+            pids.append(int(entry))
+    return pids
+
+
+def attack(code: str, timeout_s: float = 2.0, **kwargs) -> reward.ExecResult:
+    start = time.monotonic()
+    result = reward.run_python(code, timeout_s=timeout_s, **kwargs)
+    assert time.monotonic() - start < timeout_s + 3, "run_python overran its deadline"
+    assert sandbox_processes() == [], "a sandboxed process outlived the call"
+    return result
+
+
+@pytest.fixture
+def drop_dir():
+    """A world-writable directory, so sandboxed code can leave evidence for the test."""
+    path = tempfile.mkdtemp(prefix="grlo_test_drop_")
+    os.chmod(path, 0o777)
+    yield Path(path)
+    subprocess.run(["rm", "-rf", path])
+
+
+def test_sandbox_layers_found_where_they_work():
+    # Guards the probe: on a root machine with both tools, a silent fallback would skip the attack tests.
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("not root, or unshare/setpriv missing")
+    assert CAPS["unshare"] and CAPS["setpriv"]
+
+
+def test_run_python_basics():
+    code = "import os, sys\nprint(sys.stdin.read().upper())\nprint(os.getcwd())\nprint('e', file=sys.stderr)"
+    result = reward.run_python(code, stdin="hello")
+    assert result.ok and not result.timed_out and result.returncode == 0
+    shout, cwd = result.stdout.split()
+    assert shout == "HELLO" and result.stderr == "e\n"
+    assert not os.path.exists(cwd), "the temp dir must be removed"
+    failed = reward.run_python("raise SystemExit(3)")
+    assert not failed.ok and failed.returncode == 3
+
+
+def test_big_stdin_and_output_round_trip():
+    data = "".join(f"{i}\n" for i in range(300_000))  # ~2 MB, more than a pipe buffer each way
+    result = reward.run_python("import sys\nsys.stdout.write(sys.stdin.read())", stdin=data)
+    assert result.ok and result.stdout == data
+
+
+def test_attack_infinite_loop():
+    result = attack("while True:\n    pass", timeout_s=1.0)
+    assert result.timed_out and not result.ok
+
+
+def test_attack_ignores_sigterm():
+    code = ("import signal, time\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+            "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.1)")
+    result = attack(code, timeout_s=1.0)
+    assert result.timed_out and not result.ok
+
+
+def test_attack_memory_bomb():
+    result = attack("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 26))", timeout_s=5.0, memory_mb=512)
+    assert not result.ok and not result.timed_out and "MemoryError" in result.stderr
+    assert reward.run_python("x = bytearray(1 << 28)", memory_mb=512).ok  # 256 MB still fits
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_attack_output_flood(stream):
+    start = time.monotonic()
+    result = attack(f"import sys\nwhile True:\n    sys.{stream}.write('x' * 65536)", timeout_s=10.0)
+    assert result.output_truncated and not result.ok
+    assert len(getattr(result, stream)) == reward.OUTPUT_CAP_BYTES
+    assert time.monotonic() - start < 5, "a flood is cut at the cap, not at the deadline"
+
+
+@isolated
+def test_attack_fork_storm_does_not_starve_the_host_or_other_sandboxes():
+    storm = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    thread = threading.Thread(target=attack, args=(storm, 3.0))
+    thread.start()
+    time.sleep(1.0)  # the storm is at its RLIMIT_NPROC ceiling now
+    bystander = reward.run_python("import threading; t = threading.Thread(target=print, args=('ok',)); t.start()")
+    assert bystander.ok and bystander.stdout == "ok\n", bystander  # its own uid, its own process budget
+    assert subprocess.run(["true"]).returncode == 0  # the host can still fork
+    thread.join()
+    assert sandbox_processes() == []
+
+
+DAEMON = """
+import os, time
+open("{drop}/started", "w").write("yes")
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        {close}
+        time.sleep(1.5)
+        open("{drop}/survived", "w").write("daemon still alive")
+        os._exit(0)
+    os._exit(0)
+print("parent exits")
+"""
+
+
+@isolated
+@pytest.mark.parametrize("holds_pipes", [False, True])
+def test_attack_double_forked_daemon(drop_dir, holds_pipes):
+    close = "pass" if holds_pipes else "os.close(0); os.close(1); os.close(2)"
+    start = time.monotonic()
+    result = attack(DAEMON.format(drop=drop_dir, close=close), timeout_s=10.0)
+    assert result.ok and result.stdout == "parent exits\n"
+    assert time.monotonic() - start < 3, "a daemon holding our pipes must not stall the call until the deadline"
+    time.sleep(2.0)
+    assert (drop_dir / "started").exists(), "the program could not write: the test proves nothing"
+    assert not (drop_dir / "survived").exists(), "the daemon outlived the call"
+
+
+@isolated
+def test_attack_program_leaves_our_process_group():
+    result = attack("import os, time\nos.setsid()\ntime.sleep(60)", timeout_s=1.0)
+    assert result.timed_out
+
+
+@isolated
+def test_without_namespaces_the_uid_kill_still_cleans_up(drop_dir, monkeypatch):
+    # Degraded mode (no unshare): no PID namespace, so only the per-run uid kill stops a daemon. Without
+    # a namespace the killed daemon is reaped by the host's init, not before we return: poll briefly.
+    monkeypatch.setattr(reward, "_sandbox", {"unshare": None, "setpriv": CAPS["setpriv"]})
+    for code, timeout_s in ((DAEMON.format(drop=drop_dir, close="os.close(0); os.close(1); os.close(2)"), 5.0),
+                            ("import os, time\nos.setsid()\ntime.sleep(60)", 1.0)):
+        start = time.monotonic()
+        reward.run_python(code, timeout_s=timeout_s)
+        assert time.monotonic() - start < timeout_s + 3
+        while sandbox_processes(include_zombies=False) and time.monotonic() - start < timeout_s + 4:
+            time.sleep(0.05)
+        assert sandbox_processes(include_zombies=False) == []
+    time.sleep(2.0)
+    assert (drop_dir / "started").exists() and not (drop_dir / "survived").exists()
+
+
+@isolated
+def test_attack_deletes_files_outside_its_dir(tmp_path):
+    private = tmp_path / "victim.txt"  # under pytest's 0700 directories
+    private.write_text("precious")
+    shared_dir = Path(tempfile.mkdtemp(prefix="grlo_test_shared_"))
+    os.chmod(shared_dir, 0o755)  # readable by anyone, writable by root only
+    shared = shared_dir / "victim.txt"
+    shared.write_text("precious")
+    shared.chmod(0o666)  # even a world-writable FILE cannot be deleted without write access to its dir
+    code = f"""
+import os, shutil
+for path in ({str(private)!r}, {str(shared)!r}):
+    try:
+        os.remove(path)
+        print("removed", path)
+    except OSError as e:
+        print("blocked", type(e).__name__)
+try:
+    shutil.rmtree({str(shared_dir)!r})
+except OSError as e:
+    print("blocked", type(e).__name__)
+"""
+    try:
+        result = attack(code)
+        assert result.stdout.count("blocked PermissionError") == 3, result.stdout
+        assert private.read_text() == "precious" and shared.exists()
+    finally:
+        subprocess.run(["rm", "-rf", str(shared_dir)])
+
+
+@isolated
+def test_attack_network():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # control: the port is reachable
+        server.accept()[0].close()
+        code = f"""
+import socket
+for host in ("127.0.0.1", "1.1.1.1"):
+    try:
+        socket.create_connection((host, {port}), timeout=2)
+        print("CONNECTED", host)
+    except OSError as e:
+        print("blocked", host, e)
+"""
+        result = attack(code, timeout_s=6.0)
+        assert "CONNECTED" not in result.stdout and result.stdout.count("blocked") == 2
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+
+
+def test_attack_reads_parent_secrets(monkeypatch):
+    monkeypatch.setenv("GRLO_TEST_SECRET", "hunter2-do-not-leak")
+    code = f"""
+import os
+print(dict(os.environ))
+for pid in ("self", "1", str(os.getppid()), "{os.getpid()}"):
+    try:
+        print(open(f"/proc/{{pid}}/environ", "rb").read())
+    except OSError as e:
+        print("blocked", pid, type(e).__name__)
+"""
+    result = attack(code)
+    assert result.ok and "PATH" in result.stdout  # the program ran and printed its environment
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+@isolated
+def test_attack_kills_parent():
+    code = f"""
+import os, signal
+for pid in (os.getppid(), {os.getpid()}):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError as e:
+        print("blocked", type(e).__name__)
+try:
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+except OSError as e:
+    print("blocked", type(e).__name__)
+print("still here")
+"""
+    result = attack(code)
+    assert result.ok and "still here" in result.stdout  # nor did it take down its own launcher
+    os.kill(os.getpid(), 0)  # we are alive (else this line never runs); and so is our parent:
+    os.kill(os.getppid(), 0)
+
+
+def test_attack_deep_recursion():
+    # Recursion through C (eval) overflows the C stack: a segfault, and no core dump (RLIMIT_CORE=0).
+    crash = attack("import sys\nsys.setrecursionlimit(10 ** 9)\ndef f():\n    return eval('f()')\nf()", timeout_s=5.0)
+    assert not crash.ok and not crash.timed_out and crash.returncode == -signal.SIGSEGV
+    # Python-to-Python calls live on the heap in 3.11+: bounded by RLIMIT_AS or the deadline.
+    deep = attack("import sys\nsys.setrecursionlimit(10 ** 9)\ndef f(n):\n    return f(n + 1) + 1\nf(0)")
+    assert not deep.ok
+    plain = attack("def f(n):\n    return f(n + 1)\nf(0)")
+    assert not plain.ok and "RecursionError" in plain.stderr
+
+
+# ---- code_reward: every test format as it comes from the hub ----
+def lcb_compress(cases: list[dict]) -> str:
+    """LiveCodeBench's private_test_cases encoding."""
+    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(cases)))).decode()
+
+
+def fenced(code: str) -> str:
+    return f"Here you go:\n```python\n{code}\n```\nHope it helps."
+
+
+def test_extract_code():
+    two = "```python\nx = 1\n```\ntext\n```python\nx = 2\n```\n```text\nnot code\n```"
+    assert reward.extract_code(two) == "x = 2\n"
+    assert reward.extract_code("```\nprint(3)\n```") == "print(3)\n"
+    assert reward.extract_code("def f():\n    return 1") == "def f():\n    return 1"
+
+
+HUMANEVAL_ROW = {  # evalplus/humanevalplus shape
+    "task_id": "HumanEval/0",
+    "prompt": 'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
+              '    """ Check if any two numbers are closer to each other than threshold. """\n',
+    "canonical_solution": "    return any(abs(a - b) < threshold\n"
+                          "               for i, a in enumerate(numbers) for b in numbers[i + 1:])\n",
+    "entry_point": "has_close_elements",
+    "test": "\n\nMETADATA = {'author': 'jt', 'dataset': 'test'}\n\n\ndef check(candidate):\n"
+            "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n"
+            "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n"
+            "    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True\n",
+}
+
+
+def test_code_reward_humaneval():
+    signature = "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+    whole = signature + HUMANEVAL_ROW["canonical_solution"]
+    assert reward.code_reward(fenced(whole), HUMANEVAL_ROW) == 1.0  # `List` comes from the prompt's import
+    assert reward.code_reward(fenced(HUMANEVAL_ROW["canonical_solution"]), HUMANEVAL_ROW) == 1.0  # body only
+    wrong = "def has_close_elements(numbers, threshold):\n    return False"
+    assert reward.code_reward(fenced(wrong), json.dumps(HUMANEVAL_ROW)) == 0.0  # JSON string accepted
+
+
+MBPP_ROW = {  # google-research-datasets/mbpp shape
+    "task_id": 11,
+    "text": "Write a python function to remove first and last occurrence of a given character from the string.",
+    "code": "...",
+    "test_list": ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"',
+                  'assert remove_Occ("PHP","P") == "H"'],
+    "test_setup_code": "",
+    "challenge_test_list": [],
+}
+MBPP_SOLUTION = ("def remove_Occ(s, ch):\n    i = s.find(ch)\n    s = s[:i] + s[i + 1:] if i >= 0 else s\n"
+                 "    j = s.rfind(ch)\n    return s[:j] + s[j + 1:] if j >= 0 else s")
+
+
+def test_code_reward_mbpp():
+    assert reward.code_reward(fenced(MBPP_SOLUTION), MBPP_ROW) == 1.0
+    memorised = "def remove_Occ(s, ch):\n    return {'hello': 'heo'}.get(s, s)"  # passes the first assert only
+    assert reward.code_reward(fenced(memorised), MBPP_ROW) == 0.0
+    assert reward.code_reward(fenced(memorised), MBPP_ROW, all_or_nothing=False) == pytest.approx(1 / 3)
+
+
+MBPP_PLUS_ROW = {  # evalplus/mbppplus shape: base asserts + a numpy-based `test` script
+    "task_id": 17,
+    "prompt": "Write a function that returns the perimeter of a square given its side length as input.",
+    "code": "def square_perimeter(a):\n  return 4*a",
+    "test_imports": ["import math"],
+    "test_list": ["assert square_perimeter(10)==40", "assert math.isclose(square_perimeter(2.5), 10.0)"],
+    "test": "import numpy as np\n\ndef assertion(out, exp, atol):\n    if atol == 0 and isinstance(exp, float):\n"
+            "        atol = 1e-6\n    if atol != 0:\n        assert np.allclose(out, exp, rtol=1e-07, atol=atol)\n"
+            "    else:\n        assert out == exp, f'out: {out}, exp: {exp}'\n\n"
+            "inputs = [[10], [5], [4], [-3], [0.5]]\nresults = [40, 20, 16, -12, 2.0]\n"
+            "for i, (inp, exp) in enumerate(zip(inputs, results)):\n    assertion(square_perimeter(*inp), exp, 0)\n",
+}
+
+
+def test_code_reward_mbpp_plus():
+    assert reward.code_reward(fenced("def square_perimeter(a):\n    return 4 * a"), MBPP_PLUS_ROW) == 1.0
+    positive_only = "def square_perimeter(a):\n    return 4 * abs(a)"  # passes the base asserts, not the -3 case
+    assert reward.code_reward(fenced(positive_only), MBPP_PLUS_ROW) == 0.0
+    assert reward.code_reward(fenced(positive_only), MBPP_PLUS_ROW, all_or_nothing=False) == pytest.approx(2 / 3)
+
+
+LCB_STDIN_ROW = {  # livecodebench/code_generation_lite shape (the lighteval parquet copy)
+    "question_title": "Sum",
+    "platform": "atcoder",
+    "starter_code": "",
+    "public_test_cases": json.dumps([{"input": "3\n1 2 3\n", "output": "6\n", "testtype": "stdin"}]),
+    "private_test_cases": lcb_compress([{"input": "2\n-5 5\n", "output": "0\n", "testtype": "stdin"},
+                                        {"input": "1\n7\n", "output": "7\n", "testtype": "stdin"}]),
+    "metadata": "{}",
+}
+
+
+def test_code_reward_livecodebench_stdin():
+    solution = "n = int(input())\nprint(sum(map(int, input().split())), '  ')\nprint()"  # extra whitespace is fine
+    assert reward.code_reward(fenced(solution), LCB_STDIN_ROW) == 1.0
+    positives = "input()\nprint(sum(x for x in map(int, input().split()) if x > 0))"  # wrong on "-5 5"
+    assert reward.code_reward(fenced(positives), LCB_STDIN_ROW) == 0.0
+    assert reward.code_reward(fenced(positives), LCB_STDIN_ROW, all_or_nothing=False) == pytest.approx(2 / 3)
+    assert reward.code_reward(fenced("print(6)"), LCB_STDIN_ROW, all_or_nothing=False) == pytest.approx(1 / 3)
+
+
+def test_code_reward_livecodebench_functional():
+    row = {
+        "public_test_cases": json.dumps([{"input": "[2,7,11,15]\n9", "output": "[0, 1]", "testtype": "functional"}]),
+        "private_test_cases": lcb_compress([{"input": "[3,2,4]\n6", "output": "[1, 2]", "testtype": "functional"}]),
+        "metadata": json.dumps({"func_name": "twoSum"}),
+    }
+    solution = ("class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
+                "        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+                "                return (seen[target - x], i)\n            seen[x] = i\n")
+    assert reward.code_reward(fenced(solution), row) == 1.0
+    assert reward.code_reward(fenced(solution.replace("target - x in", "x in")), row) == 0.0
+
+
+def test_code_reward_apps_input_output():
+    row = {"input_output": json.dumps({"inputs": ["1 2\n", "5 5\n"], "outputs": ["3\n", "10\n"]})}
+    assert reward.code_reward(fenced("print(sum(map(int, input().split())))"), row) == 1.0
+    plain = {"inputs": ["1 2\n", "5 5\n"], "outputs": ["3\n", "10\n"]}
+    assert reward.code_reward(fenced("print(3)"), plain, all_or_nothing=False) == 0.5
+    with pytest.raises(ValueError, match="fn_name"):
+        reward.code_reward("x", {"input_output": json.dumps({"inputs": [[1]], "outputs": [[1]], "fn_name": "f"})})
+
+
+def test_code_reward_bundled_rows_and_pass_fraction():
+    rows = [json.loads(line) for line in open(ROOT / "data" / "code_tasks.jsonl")]
+    solutions = [json.loads(line) for line in open(ROOT / "data" / "code_tasks_solutions.jsonl")]
+    solutions = {s["index"]: s["solution"] for s in solutions}
+    good = [solutions[row["extra_info"]["index"]] for row in rows]
+    swapped = good[1:] + good[:1]  # every solution answers another task
+    rewards, stats = reward.compute_rewards(rows + rows, good + swapped)
+    assert rewards == [1.0] * len(rows) + [0.0] * len(rows)
+    assert stats["rewards/code_mean"] == 0.5 and stats["rewards/code_timeouts"] == 0
+    truth = rows[0]["reward_model"]["ground_truth"]  # reverse_string, 4 asserts
+    half = fenced("def reverse_string(s):\n    return s")  # passes the '' and 'racecar' asserts only
+    assert reward.code_reward(half, truth) == 0.0
+    assert reward.code_reward(half, truth, all_or_nothing=False) == 0.5
+
+
+def test_code_reward_cannot_be_forged():
+    truth = {"entry_point": "f", "test_list": ["assert f() == 1"]}
+    forger = ("import re, os, sys\nfor nonce in re.findall(r'[0-9a-f]{32}', open(sys.argv[0]).read()) + ['0' * 32]:\n"
+              "    print(f'\\n{nonce} 0 1', flush=True)\nos._exit(0)")
+    assert reward.code_reward(fenced(forger), truth) == 0.0
+    assert reward.code_reward(fenced("def f():\n    return 1\nimport os\nos._exit(0)"), truth) == 0.0  # early exit
+    assert reward.code_reward(fenced("def f():\n    return 1\nraise SystemExit(0)"), truth) == 1.0  # tests still run
+    assert reward.code_reward(fenced("def f():\n    return 1"), truth) == 1.0
+
+
+def test_code_reward_timeout_is_counted(monkeypatch):
+    truth = json.dumps({"entry_point": "f", "test_list": ["assert f() == 1"]})
+    looping = fenced("def f():\n    while True:\n        pass")
+    monkeypatch.setattr(reward, "CODE_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    row = {"ability": "code", "reward_model": {"style": "rule", "ground_truth": truth}}
+    rewards, stats = reward.compute_rewards([row], [looping])
+    assert rewards == [0.0] and stats["rewards/code_timeouts"] == 1
+    assert time.monotonic() - start < 4
+
+
+# ---- routing ----
+def test_compute_rewards_routing_rule_rows():
+    code_truth = json.dumps({"entry_point": "f", "test_list": ["assert f(2) == 4"]})
+    rows = [
+        {"ability": "math", "reward_model": {"style": "rule", "ground_truth": "4"}},
+        {"ability": "math", "reward_model": {"style": "rule", "ground_truth": "4"}},
+        {"ability": "code", "reward_model": {"style": "rule", "ground_truth": code_truth}},
+        {"ability": "general", "reward_model": {"style": "rule", "ground_truth": code_truth}},  # by shape: code
+        {"ability": "general", "reward_model": {"style": "rule", "ground_truth": "4"}},  # by shape: math
+    ]
+    good_code = fenced("def f(x):\n    return x * x")
+    responses = ["\\boxed{4}", "\\boxed{5}", good_code, good_code, "so it is \\boxed{4}"]
+    rewards, stats = reward.compute_rewards(rows, responses, max_workers=2)
+    assert rewards == [1.0, 0.0, 1.0, 1.0, 1.0]
+    assert stats["rewards/math_mean"] == pytest.approx(2 / 3) and stats["rewards/code_mean"] == 1.0
+    assert stats["rewards/math_failures"] == 0 and "rewards/model_mean" not in stats
+
+
+def test_compute_rewards_errors():
+    with pytest.raises(ValueError, match=r"'judge'.*index=7"):
+        reward.compute_rewards([{"reward_model": {"style": "judge"}, "extra_info": {"index": 7}}], ["x"])
+    with pytest.raises(ValueError, match="no RewardModel"):
+        reward.compute_rewards([{"prompt": [], "reward_model": {"style": "model", "ground_truth": ""}}], ["x"])
+
+
+# ---- reward model ----
+def reference_score(model, tokenizer, messages, response) -> float:
+    """Hand-written: render, tokenize without special tokens, one unpadded sample, logit at the last token."""
+    text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        return model.score(hidden)[0, -1, 0].item()
+
+
+@pytest.fixture(scope="module")
+def rm(tiny_models):
+    return reward.RewardModel(tiny_models["reward"], batch_size=3)
+
+
+SAMPLES = [
+    ([{"role": "user", "content": "Write a detailed guide on cooking."}], "First, heat the pan. " * 7),
+    ([{"role": "user", "content": "hello"}], "hi"),
+    ([{"role": "system", "content": "be good"}, {"role": "user", "content": "explain science"}], "Because therefore."),
+    ([{"role": "user", "content": "how many apples?"}], "3 apples + 4 apples = 7 apples, so \\boxed{7}. " * 3),
+    ([{"role": "user", "content": "travel"}], ""),
+]
+
+
+def test_reward_model_matches_hand_forward_pass(rm):
+    # Pool on a pad id that occurs in every conversation (<|im_end|>), as when pad == EOS: our pooling
+    # uses the attention mask, so scores must not move.
+    rm.model.config.pad_token_id = rm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    scores = rm.score([m for m, _ in SAMPLES], [r for _, r in SAMPLES])  # 5 samples, batches of 3, padded
+    expected = [reference_score(rm.model, rm.tokenizer, m, r) for m, r in SAMPLES]
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(s, 4) for s in scores)) == len(scores)  # distinct inputs, distinct scores
+    assert rm.last_num_truncated == 0
+    with_eos = rm.score([SAMPLES[1][0]], [SAMPLES[1][1] + "<|im_end|>"])  # decoded with special tokens
+    assert with_eos == pytest.approx([expected[1]], abs=1e-4)
+
+
+def test_reward_model_truncates_the_response_from_the_left(tiny_models):
+    rm = reward.RewardModel(tiny_models["reward"], max_length=48)
+    messages, long_response = SAMPLES[0][0], " ".join(f"step {i}." for i in range(60))
+    tok = rm.tokenizer
+    full = tok(tok.apply_chat_template(messages + [{"role": "assistant", "content": long_response}], tokenize=False),
+               add_special_tokens=False)["input_ids"]
+    prompt_text = tok.apply_chat_template(messages, tokenize=False) + "<|im_start|>assistant\n"
+    head = tok(prompt_text, add_special_tokens=False)["input_ids"]  # what must survive at the start
+    kept, cut = rm._encode(messages, long_response)
+    assert cut and len(full) > 48 and len(kept) == 48
+    assert kept == full[: len(head)] + full[len(full) - (48 - len(head)) :]  # prompt start + end of response
+    assert tok.decode(kept[-2:]) == "<|im_end|>\n"  # the closing template tokens survive
+    scores = rm.score([messages, SAMPLES[1][0], messages], [long_response, "hi", long_response])
+    assert rm.last_num_truncated == 2 and rm.num_truncated == 2
+    rm.score([SAMPLES[1][0]], ["hi"])
+    assert rm.last_num_truncated == 0 and rm.num_truncated == 2
+    with torch.no_grad():
+        direct = rm.model.score(rm.model.model(input_ids=torch.tensor([kept])).last_hidden_state)[0, -1, 0].item()
+    assert scores[0] == pytest.approx(direct, abs=1e-4) and scores[2] == pytest.approx(direct, abs=1e-4)
+
+
+def test_compute_rewards_routes_model_rows(rm):
+    rows = [{"prompt": m, "reward_model": {"style": "model", "ground_truth": ""}, "extra_info": {"index": i}}
+            for i, (m, _) in enumerate(SAMPLES[:3])]
+    rows.append({"ability": "math", "reward_model": {"style": "rule", "ground_truth": "7"}})
+    responses = [r for _, r in SAMPLES[:3]] + [SAMPLES[3][1]]
+    rewards, stats = reward.compute_rewards(rows, responses, rm)
+    assert rewards[:3] == pytest.approx(rm.score([m for m, _ in SAMPLES[:3]], responses[:3]), abs=1e-5)
+    assert rewards[3] == 1.0
+    assert stats["rewards/model_mean"] == pytest.approx(sum(rewards[:3]) / 3)
+    assert stats["rewards/rm_truncated"] == 0 and stats["rewards/math_mean"] == 1.0
