@@ -208,10 +208,9 @@ def _to_row(obj, where: str) -> dict:
     return {**obj, "prompt": messages, "reward_model": rm, "ability": obj.get("ability", "general")}
 
 
-def load_rows(dataset: str, split: str = "train") -> list:
-    """Local .jsonl/.json/.parquet or a hub dataset -> validated rows in the official GRLO format."""
+def read_records(dataset: str, split: str = "train"):
+    """Yield ("file:line", record) from a local .jsonl/.json/.parquet or a hub dataset, naming bad lines."""
     if os.path.exists(dataset) and dataset.endswith(".jsonl"):
-        rows = []
         with open(dataset) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -220,8 +219,8 @@ def load_rows(dataset: str, split: str = "train") -> list:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{dataset}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-                rows.append(_to_row(obj, f"{dataset}:{n}"))
-        return rows
+                yield f"{dataset}:{n}", obj
+        return
     import datasets  # only needed for hub ids, .json and .parquet
 
     if os.path.exists(dataset):
@@ -229,7 +228,13 @@ def load_rows(dataset: str, split: str = "train") -> list:
         ds = datasets.load_dataset(kind, data_files=dataset, split="train")
     else:
         ds = datasets.load_dataset(dataset, split=split)
-    return [_to_row(obj, f"{dataset}:row {n}") for n, obj in enumerate(ds)]
+    for n, obj in enumerate(ds):
+        yield f"{dataset}:row {n}", obj
+
+
+def load_rows(dataset: str, split: str = "train") -> list:
+    """Validated rows in the official GRLO format (see `_to_row`)."""
+    return [_to_row(obj, where) for where, obj in read_records(dataset, split)]
 
 
 def tokenize_prompts(rows: list, tokenizer, max_prompt_length: int):
@@ -417,11 +422,6 @@ def collate(indices: list, prompt_ids: list, completion_ids: list, pad_id: int, 
     return {"input_ids": t(ids), "attention_mask": t(attn), "completion_ids": t(comp), "completion_mask": t(cmask, torch.float)}
 
 
-def pad_values(values: list, indices: list, width: int, device) -> torch.Tensor:
-    """Right-pad per-token float lists (e.g. sampler log-probs) to (len(indices), width)."""
-    return torch.tensor([values[i] + [0.0] * (width - len(values[i])) for i in indices], device=device)
-
-
 # ---- loss ----
 def policy_loss(logprobs, old_logprobs, advantages, completion_mask, args: Args, sampler_logprobs=None,
                 ref_logprobs=None, entropy=None):  # fmt: skip
@@ -459,6 +459,85 @@ def token_weights(completion_mask: torch.Tensor, mode: str, num_seqs: float, num
     if mode == "seq-mean-token-mean":
         return completion_mask / completion_mask.sum(-1, keepdim=True).clamp(min=1) / num_seqs
     return completion_mask / (num_seqs * max_new_tokens)
+
+
+def pad_values(values: list, indices: list, width: int, device) -> torch.Tensor:
+    """Right-pad per-sample 1-D values (lists or tensors, e.g. log-probs) to (len(indices), width)."""
+    out = torch.zeros(len(indices), width, device=device)
+    for row, i in enumerate(indices):
+        v = torch.as_tensor(values[i], dtype=torch.float32, device=device)
+        out[row, : len(v)] = v
+    return out
+
+
+def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, prompt_ids, completion_ids,
+                   sampler_logprobs, advantages, loss_mask_seq, pad_id):  # fmt: skip
+    """Eq. 2-6 over one rollout batch: `num_minibatches` optimizer steps, `ppo_epochs` times.
+
+    Returns (sums of per-token statistics, grad norms). Raises FloatingPointError before an optimizer
+    step whose gradient norm is not finite (all ranks see the same all-reduced norm, so all stop)."""
+    device, world = accelerator.device, accelerator.num_processes
+    model.train()
+    n = len(completion_ids)
+    mb_size = math.ceil(n / args.num_minibatches)
+    minibatches = [list(range(k, min(k + mb_size, n))) for k in range(0, n, mb_size)]
+    # pi_old (and pi_ref) log-probs: one no-grad pass, needed only when the policy moves before a sample is
+    # used; with a single update pi_old is the current policy, detached, and this pass is skipped.
+    old_lp, ref_lp = None, None
+    if args.num_minibatches * args.ppo_epochs > 1 or ref_model is not None:
+        old_lp, ref_lp = [None] * n, [None] * n
+        with torch.no_grad():
+            for mb in make_microbatches(prompt_ids, completion_ids, args.token_budget):
+                b = collate(mb, prompt_ids, completion_ids, pad_id, device)
+                with accelerator.autocast():
+                    lp = completion_logprobs(model, b, args.temperature)[0]
+                    ref = completion_logprobs(ref_model, b, args.temperature)[0] if ref_model is not None else lp
+                for row, i in enumerate(mb):
+                    old_lp[i], ref_lp[i] = lp[row, : len(completion_ids[i])], ref[row, : len(completion_ids[i])]
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "clipfrac", "ratio", "tis_weight", "kl", "entropy", "tokens")}
+    grad_norms = []
+    for _ in range(args.ppo_epochs):
+        for mb in minibatches:
+            # global sequence and token counts of this mini-batch (summed over ranks) for the eq. 6 weights
+            counts = torch.tensor([len(mb), sum(len(completion_ids[i]) for i in mb)], dtype=torch.float32, device=device)
+            num_seqs, num_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
+            micro = [[mb[j] for j in m] for m in make_microbatches([prompt_ids[i] for i in mb], [completion_ids[i] for i in mb], args.token_budget)]
+            # equal micro-batch counts on every rank keep DDP's gradient all-reduces in lockstep
+            n_micro = int(accelerator.reduce(torch.tensor(len(micro), device=device), "max"))
+            while len(micro) < n_micro:
+                big = max(range(len(micro)), key=lambda k: len(micro[k]))
+                micro[big : big + 1] = [micro[big][: len(micro[big]) // 2], micro[big][len(micro[big]) // 2 :]]
+            for k, m in enumerate(micro):
+                b = collate(m, prompt_ids, completion_ids, pad_id, device)
+                C = b["completion_ids"].shape[1]
+                with accelerator.no_sync(model) if k < n_micro - 1 else contextlib.nullcontext():
+                    with accelerator.autocast():
+                        logprobs, entropy = completion_logprobs(model, b, args.temperature)  # (b, C)
+                    old = pad_values(old_lp, m, C, device) if old_lp is not None else logprobs.detach()
+                    ref = pad_values(ref_lp, m, C, device) if ref_model is not None else None
+                    samp = pad_values(sampler_logprobs, m, C, device) if sampler_logprobs is not None else None
+                    per_token, stats = policy_loss(logprobs, old, advantages[m], b["completion_mask"], args, samp, ref, entropy)
+                    mask = b["completion_mask"] * loss_mask_seq[m][:, None]  # (b, C); 0 on prompt/pad tokens
+                    weights = token_weights(mask, args.loss_agg, num_seqs, num_tokens, args.max_new_tokens)
+                    # DDP averages gradients over ranks; the weights already divide by GLOBAL counts, so undo it
+                    loss = (per_token * weights).sum() * world
+                    accelerator.backward(loss)
+                with torch.no_grad():
+                    cm = b["completion_mask"]
+                    sums["loss"] += loss.detach() / world
+                    sums["tokens"] += cm.sum()
+                    sums["entropy"] += (entropy.detach() * cm).sum()
+                    for key in ("clipfrac", "ratio", "tis_weight", "kl"):
+                        if key in stats:
+                            sums[key] += (stats[key] * cm).sum()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm ({grad_norm})")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            grad_norms.append(float(grad_norm))
+    return sums, grad_norms
 
 
 # ---- weight sync ----
@@ -638,68 +717,17 @@ def main(args: Args):
         advantages = compute_advantages(rewards, G, args.scale_rewards, batch_std=all_rewards.std())  # (B_local*G,)
         loss_mask_seq = 1.0 - is_truncated if args.overlong == "mask" else torch.ones_like(rewards)
 
-        # ---- 7. policy update: mini-batches x epochs, micro-batches by token budget (eq. 2-5) ----
+        # ---- 7. policy update: mini-batches x epochs, micro-batches by token budget (eq. 2-6) ----
         t0 = time.time()
-        model.train()
-        n = len(completion_ids)
-        mb_size = math.ceil(n / args.num_minibatches)
-        minibatches = [list(range(k, min(k + mb_size, n))) for k in range(0, n, mb_size)]
-        old_logprobs = {}  # sample -> (C_i,) pi_old log-probs; only needed when the policy moves before use
-        if args.num_minibatches * args.ppo_epochs > 1 or ref_model is not None:
-            with torch.no_grad():
-                for mb in make_microbatches(prompt_ids, completion_ids, args.token_budget):
-                    b = collate(mb, prompt_ids, completion_ids, pad_id, accelerator.device)
-                    lp = completion_logprobs(model, b, args.temperature)[0]
-                    ref = completion_logprobs(ref_model, b, args.temperature)[0] if ref_model is not None else lp
-                    for row, i in enumerate(mb):
-                        old_logprobs[i] = (lp[row, : len(completion_ids[i])], ref[row, : len(completion_ids[i])])
-        sums = {k: torch.zeros((), device=accelerator.device) for k in ("loss", "clipfrac", "ratio", "tis_weight", "kl", "entropy", "tokens")}
-        grad_norms = []
-        for _ in range(args.ppo_epochs):
-            for mb in minibatches:
-                # global sequence and token counts of this mini-batch (summed over ranks) for eq. 6 weights
-                counts = torch.tensor([len(mb), sum(len(completion_ids[i]) for i in mb)], dtype=torch.float32, device=accelerator.device)
-                num_seqs, num_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
-                micro = [[mb[j] for j in m] for m in make_microbatches([prompt_ids[i] for i in mb], [completion_ids[i] for i in mb], args.token_budget)]
-                # equal micro-batch counts on every rank keep DDP's gradient all-reduces in lockstep
-                n_micro = int(accelerator.reduce(torch.tensor(len(micro), device=accelerator.device), "max"))
-                while len(micro) < n_micro:
-                    big = max(range(len(micro)), key=lambda k: len(micro[k]))
-                    micro[big : big + 1] = [micro[big][: len(micro[big]) // 2], micro[big][len(micro[big]) // 2 :]]
-                for k, m in enumerate(micro):
-                    b = collate(m, prompt_ids, completion_ids, pad_id, accelerator.device)
-                    C = b["completion_ids"].shape[1]
-                    with accelerator.no_sync(model) if k < n_micro - 1 else contextlib.nullcontext():
-                        with accelerator.autocast():
-                            logprobs, entropy = completion_logprobs(model, b, args.temperature)  # (b, C)
-                        old = pad_values([old_logprobs[i][0].tolist() for i in m], range(len(m)), C, accelerator.device) if old_logprobs else logprobs.detach()
-                        ref = pad_values([old_logprobs[i][1].tolist() for i in m], range(len(m)), C, accelerator.device) if ref_model is not None else None
-                        samp = pad_values(sampler_logprobs, m, C, accelerator.device) if sampler_logprobs is not None else None
-                        per_token, stats = policy_loss(logprobs, old, advantages[m], b["completion_mask"], args, samp, ref, entropy)
-                        mask = b["completion_mask"] * loss_mask_seq[m][:, None]
-                        weights = token_weights(mask, args.loss_agg, num_seqs, num_tokens, args.max_new_tokens)
-                        # DDP averages gradients over ranks; weights already divide by GLOBAL counts, so undo it
-                        loss = (per_token * weights).sum() * world
-                        accelerator.backward(loss)
-                    with torch.no_grad():
-                        cm = b["completion_mask"]
-                        sums["loss"] += loss.detach() / world
-                        sums["tokens"] += cm.sum()
-                        sums["entropy"] += (entropy.detach() * cm).sum()
-                        for key in ("clipfrac", "ratio", "tis_weight", "kl"):
-                            if key in stats:
-                                sums[key] += (stats[key] * cm).sum()
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if not torch.isfinite(grad_norm):  # all ranks see the same all-reduced norm, so all stop
-                    raise FloatingPointError(
-                        f"step {step + 1}: non-finite gradient norm ({grad_norm}, rewards/mean {all_rewards.mean():.4g}); "
-                        f"this update was not applied and nothing was saved. The last good checkpoint is "
-                        f"{(list_checkpoints(args.output_dir) or ['(none)'])[-1]}. Check the rewards, lower --learning-rate or use fp32."
-                    )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                grad_norms.append(float(grad_norm))
+        try:
+            sums, grad_norms = train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, prompt_ids,
+                                              completion_ids, sampler_logprobs, advantages, loss_mask_seq, pad_id)  # fmt: skip
+        except FloatingPointError as e:  # raised before optimizer.step(): the weights and checkpoints are intact
+            last = (list_checkpoints(args.output_dir) or ["(none)"])[-1]
+            raise FloatingPointError(
+                f"step {step + 1}: {e} (rewards/mean {all_rewards.mean():.4g}); this update was not applied and nothing "
+                f"was saved. The last good checkpoint is {last}. Check the rewards, lower --learning-rate or use fp32."
+            ) from None
         t_train = time.time() - t0
 
         # ---- 8. weight sync into vLLM ----
@@ -744,7 +772,7 @@ def main(args: Args):
         if accelerator.is_main_process:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step + 1)
-            for i in range(n):
+            for i in range(len(completion_ids)):
                 rollout_file.write(json.dumps({
                     "step": step, "prompt": batch_rows[i]["prompt"], "completion": responses[i],
                     "reward": rewards_list[i], "finish_reason": "length" if truncated[i] else "stop",
