@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -205,6 +204,8 @@ def _to_row(obj, where: str) -> dict:
     rm = obj.get("reward_model") or {"style": "model", "ground_truth": ""}
     if not isinstance(rm, dict) or rm.get("style") not in ("model", "rule"):
         raise ValueError(f"{where}: field 'reward_model.style' must be 'model' or 'rule', got {rm!r:.80}")
+    if rm["style"] == "rule" and rm.get("ground_truth") in (None, ""):
+        raise ValueError(f"{where}: field 'reward_model.ground_truth' is empty, but style 'rule' is verified against it")
     return {**obj, "prompt": messages, "reward_model": rm, "ability": obj.get("ability", "general")}
 
 
@@ -320,11 +321,12 @@ def generate_hf(model, prompt_ids: list, seed: int, args: Args, eos_ids: list, p
     """HF fallback with vLLM's semantics: same temperature/top-p, no top-k, stop on every EOS id.
 
     HF cannot seed each request, so the step is seeded as a whole; sampler log-probs are the trainer's
-    own (None), which makes the TIS weight exactly 1."""
+    own (None), which makes the TIS weight exactly 1. Temperature 0 is greedy, as in vLLM."""
     torch.manual_seed(seed)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=0) if args.temperature > 0 else {}
     gen_cfg = GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
-        eos_token_id=eos_ids, pad_token_id=pad_id,
+        do_sample=args.temperature > 0, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+        **sampling,
     )  # fmt: skip
     width = max(map(len, prompt_ids))
     dev = next(model.parameters()).device
@@ -337,6 +339,21 @@ def generate_hf(model, prompt_ids: list, seed: int, args: Args, eos_ids: list, p
         completions.append(row[: stop + 1] if stop is not None else row)
         truncated.append(stop is None and len(row) >= args.max_new_tokens)
     return completions, None, truncated
+
+
+def rollout(llm, model, accelerator, args: Args, prompt_ids_all: list, indices: list, step: int, eos_ids: list, pad_id: int):
+    """G completions per prompt index, each group contiguous (so `view(-1, G)` is a group).
+
+    Returns (prompt_ids, completion_ids, sampler_logprobs or None, truncated), one entry per completion."""
+    G = args.num_generations
+    prompt_ids = [prompt_ids_all[i] for i in indices for _ in range(G)]
+    if llm is not None:
+        seeds = [request_seed(args.seed, step, i, j) for i in indices for j in range(G)]
+        out = generate_vllm(llm, prompt_ids, seeds, args, eos_ids, accelerator.is_main_process)
+    else:
+        seed = request_seed(args.seed, step, accelerator.process_index, 0)
+        out = generate_hf(accelerator.unwrap_model(model), prompt_ids, seed, args, eos_ids, pad_id)
+    return (prompt_ids, *out)
 
 
 # ---- advantages ----
@@ -496,6 +513,7 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
                     old_lp[i], ref_lp[i] = lp[row, : len(completion_ids[i])], ref[row, : len(completion_ids[i])]
     sums = {k: torch.zeros((), device=device) for k in ("loss", "clipfrac", "ratio", "tis_weight", "kl", "entropy", "tokens")}
     grad_norms = []
+    bar = tqdm(total=args.ppo_epochs * len(minibatches), desc="update", leave=False, disable=not accelerator.is_main_process)
     for _ in range(args.ppo_epochs):
         for mb in minibatches:
             # global sequence and token counts of this mini-batch (summed over ranks) for the eq. 6 weights
@@ -537,6 +555,8 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
             scheduler.step()
             optimizer.zero_grad()
             grad_norms.append(float(grad_norm))
+            bar.update()
+    bar.close()
     return sums, grad_norms
 
 
@@ -574,8 +594,10 @@ def list_checkpoints(output_dir: str) -> list:
     return sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
 
 
-def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, keep_last: int):
-    """HF folder (vLLM and evaluate.py load it) + Accelerate state (optimizer, scheduler, RNG), atomically."""
+def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, keep_last: int, extra_state=None):
+    """HF folder (vLLM and evaluate.py load it) + Accelerate state (optimizer, scheduler, RNG), atomically.
+
+    `trainer_state/step.json` holds the step and any `extra_state` (e.g. a data cursor)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     if accelerator.is_main_process and os.path.exists(tmp):
@@ -588,8 +610,10 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, k
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "trainer_state", "step.json"), "w") as f:
-            json.dump({"step": step}, f)
-        os.replace(tmp, final) if not os.path.exists(final) else (shutil.rmtree(final), os.replace(tmp, final))
+            json.dump({"step": step, **(extra_state or {})}, f)
+        if os.path.exists(final):  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -686,16 +710,11 @@ def main(args: Args):
         # (contiguously, so that view(-1, G) is a group).
         indices = step_prompt_indices(step, len(rows), args.prompts_per_step, args.seed)[rank * B_local : (rank + 1) * B_local]
         batch_rows = [rows[i] for i in indices for _ in range(G)]
-        prompt_ids = [prompt_ids_all[i] for i in indices for _ in range(G)]
         model.eval()
         t0 = time.time()
-        if llm is not None:
-            seeds = [request_seed(args.seed, step, i, j) for i in indices for j in range(G)]
-            completion_ids, sampler_logprobs, truncated = generate_vllm(llm, prompt_ids, seeds, args, eos_ids, accelerator.is_main_process)
-        else:
-            completion_ids, sampler_logprobs, truncated = generate_hf(
-                accelerator.unwrap_model(model), prompt_ids, request_seed(args.seed, step, rank, 0), args, eos_ids, pad_id
-            )
+        prompt_ids, completion_ids, sampler_logprobs, truncated = rollout(
+            llm, model, accelerator, args, prompt_ids_all, indices, step, eos_ids, pad_id
+        )
         t_rollout = time.time() - t0
         if sleep:  # free GPU memory for the update; weights are re-pushed after wake_up (never stale)
             llm.sleep(level=1)

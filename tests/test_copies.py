@@ -1,0 +1,43 @@
+"""Deliberate copies between stage scripts stay identical to their source (Transformers' "Copied from").
+
+A function preceded by `# Copied from train_grlo.<name>` must be byte-identical to train_grlo's `<name>`.
+A copy that has to diverge drops the marker and takes a new name."""
+
+import ast
+import os
+import re
+
+import pytest
+from conftest import ROOT
+
+MARKER = re.compile(r"^# Copied from train_grlo\.(\w+)$")
+
+
+def functions(path):
+    """{name: source} of the top-level functions, and [(marked name, def name, line)] of the markers."""
+    src = open(path).read()
+    lines = src.splitlines()
+    funcs, marks = {}, []
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            funcs[node.name] = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+            above = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
+            m = MARKER.match(above)
+            if m:
+                marks.append((m.group(1), node.name, node.lineno))
+    return funcs, marks
+
+
+@pytest.mark.parametrize("script", ["train_rlvr.py", "evaluate.py"])
+def test_marked_copies_are_identical(script):
+    path = os.path.join(ROOT, script)
+    if not os.path.exists(path):
+        pytest.skip(f"{script} not present")
+    source, _ = functions(os.path.join(ROOT, "train_grlo.py"))
+    copies, marks = functions(path)
+    if script == "train_rlvr.py":
+        assert len(marks) >= 20  # the rollout, loss, sync and checkpoint helpers are copied, not imported
+    for marked, name, line in marks:
+        assert marked == name, f"{script}:{line}: marker names {marked} but the function is {name}"
+        assert name in source, f"{script}:{line}: train_grlo has no {name}"
+        assert copies[name] == source[name], f"{script}:{line}: {name} drifted from train_grlo.{name}"
