@@ -931,9 +931,9 @@ def main(args: Args):
 
 # Copied from train_grlo.cli
 def cli(argv=None) -> Args:
-    """tyro CLI whose defaults come from `--preset NAME` (default "paper"), so later flags override it."""
+    """tyro CLI whose defaults come from `--preset NAME` (the first preset by default); later flags override it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    preset = "paper"
+    preset = next(iter(PRESETS))
     for k, a in enumerate(argv):
         if a == "--preset" and k + 1 < len(argv):
             preset = argv[k + 1]
