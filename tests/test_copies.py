@@ -41,3 +41,19 @@ def test_marked_copies_are_identical(script):
         assert marked == name, f"{script}:{line}: marker names {marked} but the function is {name}"
         assert name in source, f"{script}:{line}: train_grlo has no {name}"
         assert copies[name] == source[name], f"{script}:{line}: {name} drifted from train_grlo.{name}"
+
+
+def readme_diff() -> str:
+    """`diff -u train_grlo.py train_rlvr.py`, as the README shows it."""
+    import difflib
+
+    a = open(os.path.join(ROOT, "train_grlo.py")).read().splitlines()
+    b = open(os.path.join(ROOT, "train_rlvr.py")).read().splitlines()
+    return "\n".join(difflib.unified_diff(a, b, "train_grlo.py", "train_rlvr.py", lineterm=""))
+
+
+def test_readme_diff_is_current():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    start = readme.index("```diff\n") + len("```diff\n")
+    shown = readme[start : readme.index("\n```", start)]
+    assert shown == readme_diff(), "README's diff block is stale: python -c 'import sys; sys.path[:0] = [\"tests\"]; import test_copies; print(test_copies.readme_diff())'"
