@@ -443,3 +443,9 @@ def test_readme_documents_every_flag():
 
     for f in dataclasses.fields(tg.Args):
         assert f"| `--{f.name.replace('_', '-')}` |" in readme, f.name
+
+
+def test_fsdp2_sharded_weights_sync_into_vllm(tiny_models):
+    """FSDP2 (torch fully_shard, gloo, 2 ranks): every rank gathers full weights and syncs its own engine."""
+    proc = run_script([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp2_sync_check.py", tiny_models["policy"]])
+    assert proc.stdout.count("FSDP2 sync OK") == 2
