@@ -528,6 +528,9 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
             for k, m in enumerate(micro):
                 b = collate(m, prompt_ids, completion_ids, pad_id, device)
                 C = b["completion_ids"].shape[1]
+                # Gradients sync (DDP) and DeepSpeed steps its engine only on the last micro-batch; Accelerate
+                # reads the boundary from sync_gradients, which its own accumulate() sets the same way.
+                accelerator.gradient_state._set_sync_gradients(k == n_micro - 1)
                 with accelerator.no_sync(model) if k < n_micro - 1 else contextlib.nullcontext():
                     with accelerator.autocast():
                         logprobs, entropy = completion_logprobs(model, b, args.temperature)  # (b, C)
@@ -548,7 +551,8 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
                     for key in ("clipfrac", "ratio", "tis_weight", "kl"):
                         if key in stats:
                             sums[key] += (stats[key] * cm).sum()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            # (DeepSpeed clips inside its engine step and reports the norm it saw)
+            grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"non-finite gradient norm ({grad_norm})")
             optimizer.step()

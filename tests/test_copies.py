@@ -56,4 +56,11 @@ def test_readme_diff_is_current():
     readme = open(os.path.join(ROOT, "README.md")).read()
     start = readme.index("```diff\n") + len("```diff\n")
     shown = readme[start : readme.index("\n```", start)]
-    assert shown == readme_diff(), "README's diff block is stale: python -c 'import sys; sys.path[:0] = [\"tests\"]; import test_copies; print(test_copies.readme_diff())'"
+    assert shown == readme_diff(), "README's diff block is stale: run `python tests/test_copies.py` to rewrite it"
+
+
+if __name__ == "__main__":  # rewrite the README's diff block after changing either script
+    path = os.path.join(ROOT, "README.md")
+    readme = open(path).read()
+    start = readme.index("```diff\n") + len("```diff\n")
+    open(path, "w").write(readme[:start] + readme_diff() + readme[readme.index("\n```", start) :])
