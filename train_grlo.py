@@ -285,13 +285,14 @@ def build_vllm(args: Args, accelerator: Accelerator, model_dtype: torch.dtype):
     from vllm import LLM
 
     kwargs = dict(
+        # enforce_eager: compiling costs ~100 s of start-up on CPU; on GPU drop it for CUDA graphs
         model=args.model, dtype=model_dtype, seed=args.seed + accelerator.process_index, enforce_eager=True,
         max_model_len=args.max_prompt_length + args.max_new_tokens, tensor_parallel_size=1,
         logprobs_mode="processed_logprobs",  # log-probs after temperature, like the trainer's
     )  # fmt: skip
     if accelerator.num_processes > 1:  # one engine per rank inside the launcher's processes (TRL's colocate)
         kwargs["distributed_executor_backend"] = "external_launcher"
-    if accelerator.device.type == "cpu":  # CPU enforce_eager: compiling takes ~100 s at start-up
+    if accelerator.device.type == "cpu":  # there gpu_memory_utilization would reserve that share of all RAM
         kwargs["kv_cache_memory_bytes"] = int(args.vllm_cpu_kv_cache_gb * 2**30)
     else:
         kwargs.update(gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=args.vllm_sleep)
