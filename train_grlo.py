@@ -285,8 +285,9 @@ def build_vllm(args: Args, accelerator: Accelerator, model_dtype: torch.dtype):
     from vllm import LLM
 
     kwargs = dict(
-        # enforce_eager: compiling costs ~100 s of start-up on CPU; on GPU drop it for CUDA graphs
-        model=args.model, dtype=model_dtype, seed=args.seed + accelerator.process_index, enforce_eager=True,
+        # eager on CPU, where compiling costs ~100 s of start-up; CUDA graphs on GPU
+        model=args.model, dtype=model_dtype, seed=args.seed + accelerator.process_index,
+        enforce_eager=accelerator.device.type == "cpu",
         max_model_len=args.max_prompt_length + args.max_new_tokens, tensor_parallel_size=1,
         logprobs_mode="processed_logprobs",  # log-probs after temperature, like the trainer's
     )  # fmt: skip
