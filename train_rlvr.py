@@ -322,6 +322,9 @@ def build_vllm(args: Args, accelerator: Accelerator, model_dtype: torch.dtype):
         kwargs["distributed_executor_backend"] = "external_launcher"
     if accelerator.device.type == "cpu":  # there gpu_memory_utilization would reserve that share of all RAM
         kwargs["kv_cache_memory_bytes"] = int(args.vllm_cpu_kv_cache_gb * 2**30)
+        # vLLM 0.32 CPU crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+        # prefilled in chunks, so prefill every prompt whole.
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(kwargs["max_model_len"], 4096))
     else:
         kwargs.update(gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=args.vllm_sleep)
     return LLM(**kwargs)

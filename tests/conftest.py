@@ -7,6 +7,7 @@ CPU build, never a mock; it lives for the whole session because start-up costs ~
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -31,13 +32,15 @@ def smollm2_models():
 
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_models):
-    """One in-process vLLM engine on the tiny policy, fp32 like the CPU trainer, shared by all tests."""
-    from vllm import LLM
+    """One in-process vLLM engine on the tiny policy, built by train_grlo.build_vllm exactly as a
+    single-process CPU run builds it (fp32 like the CPU trainer), shared by all tests."""
+    import torch
 
-    llm = LLM(
-        model=tiny_models["policy"], dtype="float32", enforce_eager=True, seed=0, max_model_len=512,
-        kv_cache_memory_bytes=256 * 2**20, logprobs_mode="processed_logprobs",
-    )  # fmt: skip
+    import train_grlo
+
+    args = train_grlo.Args(model=tiny_models["policy"], max_prompt_length=448, max_new_tokens=64, vllm_cpu_kv_cache_gb=0.25)
+    one_cpu_process = types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    llm = train_grlo.build_vllm(args, one_cpu_process, torch.float32)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 

@@ -258,6 +258,14 @@ def test_vllm_stops_on_every_eos_id_and_is_seeded(tiny_llm):
         assert stop_ids[0] == ids[0][: first + 1] and stop_trunc == [False]  # EOS kept, then stop
 
 
+def test_vllm_seeded_long_prompts_prefill_whole(tiny_llm):
+    # regression: vLLM 0.32 CPU raised "CPU Generator does not use offset" when seeded requests were
+    # prefilled in chunks (64 prompts of ~300 tokens exceed one 4096-token batch); build_vllm prevents it
+    prompts = [[5 + i % 50] * (300 + i) for i in range(64)]
+    ids, lps, _ = tg.generate_vllm(tiny_llm, prompts, list(range(64)), args_for(max_new_tokens=4), [], show_progress=False)
+    assert len(ids) == 64 and all(1 <= len(x) <= 4 and len(lp) == len(x) for x, lp in zip(ids, lps))
+
+
 def test_hf_fallback_stops_on_every_eos_id(tiny_models):
     from transformers import AutoModelForCausalLM
 
