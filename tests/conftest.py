@@ -5,8 +5,10 @@ CPU build, never a mock; it lives for the whole session because start-up costs ~
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -52,3 +54,18 @@ def run_script(args: list, timeout: int = 600, env: dict = None, check: bool = T
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+# `accelerate launch` with 2 gloo ranks on CPU (`--cpu --num_processes 2` would silently start ONE process)
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def kill_when_exists(cmd: list, path, timeout: int = 300):
+    """Start `cmd`, SIGKILL its whole process group the moment `path` exists (a hard crash), wait."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

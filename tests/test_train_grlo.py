@@ -3,14 +3,11 @@
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import LAUNCH_2, ROOT, kill_when_exists, run_script
 
 import train_grlo as tg
 
@@ -370,8 +367,7 @@ def test_cpu_smoke_hf_fallback_end_to_end(tmp_path, tiny_models):
 
 def test_two_process_launch_with_vllm(tmp_path, tiny_models):
     out = tmp_path / "run"
-    proc = run_script([PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no", "train_grlo.py", *SMOKE, "--max-steps", "2",
+    proc = run_script([*LAUNCH_2, "train_grlo.py", *SMOKE, "--max-steps", "2",
                        "--output-dir", str(out)])  # fmt: skip
     assert proc.stdout.count("step ") == 2  # only rank 0 prints
     rows = _rollouts(str(out))
@@ -388,12 +384,7 @@ def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
     run_script(common + ["--output-dir", str(full)])
     # second run: SIGKILL as soon as checkpoint-2 exists, then resume
     part = tmp_path / "part"
-    proc = subprocess.Popen(common + ["--output-dir", str(part)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (part / "checkpoint-2").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(common + ["--output-dir", str(part)], part / "checkpoint-2")
     assert (part / "checkpoint-2").exists() and not (part / "checkpoint-4").exists()
     run_script(common + ["--output-dir", str(part), "--resume"])
     a, b = _rollouts(str(full)), _rollouts(str(part))

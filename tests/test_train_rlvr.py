@@ -2,14 +2,11 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import LAUNCH_2, ROOT, kill_when_exists, run_script
 
 import train_rlvr as tr
 
@@ -95,8 +92,7 @@ def test_no_reward_model_is_loaded_for_rule_rows(tmp_path, tiny_models):
 
 def test_two_process_launch(tmp_path, tiny_models):
     out = tmp_path / "run"
-    proc = run_script([PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no", "train_rlvr.py", *SMOKE, "--max-steps", "2",
+    proc = run_script([*LAUNCH_2, "train_rlvr.py", *SMOKE, "--max-steps", "2",
                        "--output-dir", str(out)])  # fmt: skip
     assert proc.stdout.count("step ") == 2
     ev = _events(out)
@@ -111,12 +107,7 @@ def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
     full = tmp_path / "full"
     run_script(common + ["--output-dir", str(full)])
     part = tmp_path / "part"
-    proc = subprocess.Popen(common + ["--output-dir", str(part)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (part / "checkpoint-2").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(common + ["--output-dir", str(part)], part / "checkpoint-2")
     assert (part / "checkpoint-2").exists() and not (part / "checkpoint-4").exists()
     saved = json.load(open(part / "checkpoint-2" / "trainer_state" / "step.json"))
     assert saved == {"step": 2, "data_round": 6}  # 3 rollout rounds per step: the cursor is not the step
