@@ -672,6 +672,8 @@ def main(args: Args):
         raise ValueError(f"{args.dataset}: no prompt fits --max-prompt-length {args.max_prompt_length}")
     steps_per_epoch = math.ceil(len(rows) / args.prompts_per_step)
     max_steps = args.max_steps or args.num_epochs * steps_per_epoch
+    if writer is not None:  # --max-prompt-length silently shortens the data otherwise
+        writer.add_scalar("charts/prompts_dropped", n_dropped, 0)
     log(f"data: {len(rows)} prompts ({n_dropped} dropped as longer than {args.max_prompt_length} tokens), {max_steps} steps")
 
     # ---- 2. models: policy, optimizer, reward model, optional reference, vLLM engine ----

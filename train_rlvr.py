@@ -737,6 +737,8 @@ def main(args: Args):
         eval_rows, eval_ids, _ = tokenize_prompts(eval_raw[: args.eval_limit or None], tokenizer, args.max_prompt_length)
     steps_per_epoch = math.ceil(len(rows) / args.prompts_per_step)
     max_steps = args.max_steps or args.num_epochs * steps_per_epoch
+    if writer is not None:  # --max-prompt-length silently shortens the data otherwise
+        writer.add_scalar("charts/prompts_dropped", n_dropped, 0)
     log(f"data: {len(rows)} prompts ({n_dropped} dropped as longer than {args.max_prompt_length} tokens), "
         f"{len(eval_rows)} held-out, {max_steps} steps")  # fmt: skip
 
