@@ -280,11 +280,12 @@ def step_prompt_indices(step: int, num_prompts: int, prompts_per_step: int, seed
 
     Resume needs nothing but the step number, and rows travel with their index, so a prompt can never
     be desynced from its ground truth by shuffling or sharding."""
-    out = []
+    out, perms = [], {}  # draw each epoch's permutation once, not once per prompt
     for pos in range(step * prompts_per_step, (step + 1) * prompts_per_step):
         epoch, offset = divmod(pos, num_prompts)
-        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[offset]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perms[epoch][offset]))
     return out
 
 
