@@ -231,6 +231,30 @@ def test_completion_logprobs_match_a_plain_log_softmax(tiny_models):
         torch.testing.assert_close(ent[row, : len(comps[row])].detach(), want_ent, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use", ["logprobs", "entropy", "both"])
+def test_token_logprobs_gradients_match_autograd(dtype, use):
+    """The closed-form backward of TokenLogProbs equals autograd through a full log_softmax."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(7, 50)).to(dtype)
+    targets = torch.randint(0, 50, (7,))
+    g_lp, g_ent = torch.randn(7), torch.randn(7)
+    x = logits.clone().requires_grad_()
+    lp, ent = tg.TokenLogProbs.apply(x, targets, 0.7, 3)  # chunk 3: 7 rows = 3 chunks
+    loss = (lp * g_lp if use != "entropy" else 0) + (ent * g_ent if use != "logprobs" else 0)
+    loss.sum().backward()
+    y = logits.float().clone().requires_grad_()
+    ref = torch.log_softmax(y / 0.7, -1)
+    ref_lp, ref_ent = ref.gather(-1, targets[:, None]).squeeze(-1), -(ref.exp() * ref).sum(-1)
+    torch.testing.assert_close(lp, ref_lp.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent.detach(), atol=1e-5, rtol=0)
+    ref_loss = (ref_lp * g_lp if use != "entropy" else 0) + (ref_ent * g_ent if use != "logprobs" else 0)
+    ref_loss.sum().backward()
+    assert x.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(x.grad.float(), y.grad, atol=tol, rtol=0)
+
+
 def test_eos_ids_include_tokenizer_and_generation_config(tiny_models):
     from transformers import AutoTokenizer
 
