@@ -253,8 +253,24 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+# E-notation (3e8, 1.5E-3): math-verify reads a lowercase e as Euler's number (3e8 = 3*e*8), and an uppercase
+# E as a float, which verify() compares to 6 decimals only (4E-8 "equals" 3\times10^{-8}). So both become LaTeX,
+# {3 \times 10^{8}}, in gold and prediction alike; the braces keep 1/3e8 = 1/(3e8). Only a number glued to e/E
+# and an integer changes: 2e, e^{x}, x2e3, 3e8x and 2e^{2} stay as they are. "2e-1" becomes 0.2, not 2e - 1.
+_E_NOTATION = re.compile(r"(?<![\w.^])(\d+(?:\.\d+)?|\.\d+)[eE]\+?(-?\d+)(?![\w^]|\.\d)")
+
+
+def _e_notation_to_latex(match: re.Match) -> str:
+    # verify() takes numbers closer than ~1e-16 as equal (evalf's chop): in LaTeX, 1.6e-19 "equals" 3.2e-19 and
+    # 6.6e-34. Below 1e-12 we leave the text to math-verify's own reading, so as not to widen that hole.
+    if abs(float(match[0])) < 1e-12:
+        return match[0]
+    return "{" + match[1] + " \\times 10^{" + match[2] + "}}"
+
+
 def _answer_text(text: str, *, gold: bool) -> str:
     """What math-verify should parse: the last \\boxed{}, else GSM8K's '#### N', else the raw text."""
+    text = _E_NOTATION.sub(_e_notation_to_latex, text)
     # math-verify would merge ALL boxed answers into a set; the last one is the model's final answer.
     boxed = _last_boxed(text)
     if boxed is not None:

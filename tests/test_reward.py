@@ -60,6 +60,46 @@ def test_math_reward_equivalences(gold, response, expected):
 
 
 @pytest.mark.parametrize(
+    "gold, response, expected",
+    [
+        ("3\\times10^8", "\\boxed{3e8}", 1.0),  # Minerva golds use E-notation, models often LaTeX, and back
+        ("3e8", "\\boxed{3 \\times 10^8}", 1.0),
+        ("3e8", "\\boxed{3\\cdot10^{8}}", 1.0),
+        ("3e8", "\\boxed{3.0 \\times 10^{8}}", 1.0),
+        ("3e8", "\\boxed{300000000}", 1.0),
+        ("4.5 \\times 10^{14}", "\\boxed{4.5E14}", 1.0),
+        ("1.5\\times10^{-3}", "\\boxed{1.5e-3}", 1.0),
+        ("1.5e-3", "\\boxed{0.0015}", 1.0),
+        ("6e+5", "\\boxed{6 \\times 10^{5}}", 1.0),
+        ("3\\times10^{8}", "#### 3e8", 1.0),
+        ("3\\times10^{8}", "\\boxed{3e8 \\text{ m/s}}", 1.0),
+        ("\\frac{1}{3e8}", "\\boxed{\\frac{1}{3\\times10^{8}}}", 1.0),  # 3e8 stays one number
+        ("3e8", "\\boxed{3\\times10^9}", 0.0),  # wrong exponent
+        ("3\\times10^9", "\\boxed{3e8}", 0.0),
+        ("3e8", "\\boxed{38}", 0.0),  # the e must not just vanish
+        ("38", "\\boxed{3e8}", 0.0),
+        ("1.5e-3", "\\boxed{0.0016}", 0.0),
+        ("3\\times10^{-8}", "\\boxed{4E-8}", 0.0),  # as a float, verify() would round 4E-8 to 0.000000
+        ("1.6e-12", "\\boxed{1.6 \\times 10^{-12}}", 1.0),
+        ("1.6e-12", "\\boxed{1.7 \\times 10^{-12}}", 0.0),
+        ("1.6e-19", "\\boxed{3.2e-19}", 0.0),  # below 1e-12 verify() sees no difference in LaTeX: not rewritten
+        ("6.6e-34", "\\boxed{1.6e-19}", 0.0),
+        ("2e", "\\boxed{2e}", 1.0),  # Euler's number stays a symbol ...
+        ("2e", "\\boxed{2 e}", 1.0),
+        ("2e", "\\boxed{2e1}", 0.0),  # ... and 2e1 is 20, not 2 * e * 1
+        ("20", "\\boxed{2e1}", 1.0),
+        ("e^{x}", "\\boxed{e^x}", 1.0),
+        ("2e^{2}", "\\boxed{2e^2}", 1.0),
+        ("e-1", "\\boxed{e - 1}", 1.0),
+        ("2e^{2}", "\\boxed{2e2}", 0.0),
+        ("2e-1", "\\boxed{0.2}", 1.0),  # the one ambiguous spelling reads as E-notation, not 2e - 1
+    ],
+)
+def test_math_reward_scientific_notation(gold, response, expected):
+    assert reward.math_reward(response, gold) == expected
+
+
+@pytest.mark.parametrize(
     "garbage", ["", "\\boxed{", "\\boxed{}", "}}}{{{\\frac", "\\boxed{\\frac{1}{0}}", "9" * 100_000, "\x00\udcff"],
 )
 def test_math_reward_garbage_is_zero(garbage):
