@@ -1,19 +1,23 @@
 """train_grlo.py speed, measured side by side in one run on SmolLM2-135M (CPU).
 
-Prints three things, each as a ratio so that a noisy machine still gives comparable numbers:
+Prints, each as a ratio so that a noisy machine still gives comparable numbers:
   1. rollout tokens/s: vLLM (`generate_vllm`) vs the HF fallback (`generate_hf`), same prompts, same
      dtype, 64 completions x up to 128 new tokens (issue target: >= 4x);
-  2. the step broken down into rollout / reward / train / weight sync, read from a real `train_grlo.py`
-     run's TensorBoard scalars (target: weight sync <= 2% of a step);
-  3. the training phase's achieved FLOP/s (6 x params x tokens, fwd + bwd) as a fraction of this machine's
-     measured matmul peak in the same dtype (target: >= 40%).
+  2. the step broken down into rollout / reward / train / weight sync, read from real `train_grlo.py
+     --preset cpu-smollm2` runs' TensorBoard scalars (target: weight sync <= 2% of a step), at the preset's
+     G=4 x 64 tokens and at twice the group size and twice the response length, to show how cost scales;
+  3. the training phase's achieved FLOP/s as a fraction of this machine's measured matmul peak, in fp32
+     and in bf16 autocast, each against its own dtype's peak (target: >= 40%). FLOPs are counted as
+     6 x (non-embedding parameters) x (prompt + completion tokens) + 6 x (LM-head parameters) x (completion
+     tokens), since the LM head runs only on completion positions; attention's own FLOPs (~5% here at
+     ~150-token sequences) are not counted, so the fraction is a slight underestimate.
 
-    python bench/bench_grlo.py                  # fp32, as the CPU presets train
-    python bench/bench_grlo.py --dtype bfloat16 # bf16 autocast trainer + bf16 vLLM
+    python bench/bench_grlo.py
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,16 +37,22 @@ import train_grlo as tg  # noqa: E402
 
 @dataclass
 class Args:
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of both engines and of the trainer"""
+    rollout_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of both engines in the rollout benchmark (the CPU presets sample in fp32)"""
     num_prompts: int = 16
     """prompts in the rollout benchmark (x num_generations completions)"""
     num_generations: int = 4
     """completions per prompt in the rollout benchmark"""
     max_new_tokens: int = 128
-    """max new tokens per completion"""
+    """max new tokens per completion in the rollout benchmark"""
     train_steps: int = 4
-    """steps of the real train_grlo.py run for the breakdown (the first is excluded as warm-up)"""
+    """steps of each real train_grlo.py run (the first is excluded as warm-up)"""
+    vllm_compiled: bool = False
+    """part 1: run vLLM with torch.compile (enforce_eager=False); the CPU presets run it eager"""
+    skip_rollout: bool = False
+    """skip part 1 (the vLLM vs HF rollout comparison)"""
+    skip_steps: bool = False
+    """skip parts 2 and 3 (the train_grlo.py runs)"""
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -67,68 +77,89 @@ def rollout_bench(args: Args, paths: dict):
     prompts = [p for p in prompt_ids for _ in range(args.num_generations)]
     run = tg.Args(max_new_tokens=args.max_new_tokens, temperature=1.0)
     eos = tg.eos_token_ids(tok, paths["policy"])
-    llm = LLM(model=paths["policy"], dtype=args.dtype, enforce_eager=True, seed=0, max_model_len=512,
+    t = time.perf_counter()
+    llm = LLM(model=paths["policy"], dtype=args.rollout_dtype, enforce_eager=not args.vllm_compiled, seed=0, max_model_len=512,
               kv_cache_memory_bytes=2**30, logprobs_mode="processed_logprobs")  # fmt: skip
     tg.generate_vllm(llm, prompts[:2], [0, 1], run, eos, False)  # warm-up
+    print(f"   vLLM start-up ({'compiled' if args.vllm_compiled else 'eager'}): {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     ids, _, _ = tg.generate_vllm(llm, prompts, list(range(len(prompts))), run, eos, False)
     vllm_s, vllm_tok = time.perf_counter() - t, sum(map(len, ids))
     llm.llm_engine.engine_core.shutdown()
-    model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=getattr(torch, args.dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=getattr(torch, args.rollout_dtype)).eval()
     t = time.perf_counter()
     ids, _, _ = tg.generate_hf(model, prompts, 0, run, eos, tok.pad_token_id)
     hf_s, hf_tok = time.perf_counter() - t, sum(map(len, ids))
     return vllm_tok / vllm_s, hf_tok / hf_s, vllm_tok, hf_tok
 
 
-def step_bench(args: Args, paths: dict):
-    """A real cpu-smollm2 run; returns per-phase median seconds and the training tokens per step."""
+def step_bench(args: Args, paths: dict, dtype: str, extra: list):
+    """A real cpu-smollm2 run; returns per-phase median seconds and median prompt / completion tokens per step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoTokenizer
 
     out = tempfile.mkdtemp(prefix="bench_grlo_")
     cmd = [sys.executable, os.path.join(ROOT, "train_grlo.py"), "--preset", "cpu-smollm2", "--max-steps",
-           str(args.train_steps), "--save-every", "0", "--output-dir", out, "--dtype", args.dtype, "--sample-every", "0"]  # fmt: skip
+           str(args.train_steps), "--save-every", "0", "--output-dir", out, "--dtype", dtype, "--sample-every", "0", *extra]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     acc = EventAccumulator(out)
     acc.Reload()
-    med = lambda k: sorted(e.value for e in acc.Scalars(k)[1:])[(args.train_steps - 1) // 2]  # noqa: E731
-    phases = {k: med(f"time/{k}") for k in ("rollout", "reward", "train", "weight_sync", "step")}
+    median = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # noqa: E731
+    phases = {k: median([e.value for e in acc.Scalars(f"time/{k}")[1:]]) for k in ("rollout", "reward", "train", "weight_sync", "step")}
     tok = AutoTokenizer.from_pretrained(paths["policy"])
-    per_step = {}
+    prompt_tok, completion_tok = {}, {}
     for line in open(os.path.join(out, "rollouts.jsonl")):
         r = json.loads(line)
         if r["step"] == 0:
             continue
-        prompt = len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True))
-        per_step[r["step"]] = per_step.get(r["step"], 0) + prompt + len(tok(r["completion"])["input_ids"]) + 1
-    return phases, sorted(per_step.values())[len(per_step) // 2]
+        prompt_tok[r["step"]] = prompt_tok.get(r["step"], 0) + len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True))
+        completion_tok[r["step"]] = completion_tok.get(r["step"], 0) + len(tok(r["completion"])["input_ids"]) + 1  # + EOS
+    shutil.rmtree(out, ignore_errors=True)
+    return phases, median(list(prompt_tok.values())), median(list(completion_tok.values()))
+
+
+def train_flops(paths: dict, prompt_tokens: int, completion_tokens: int) -> float:
+    """FLOPs of one update: 6 x body params x all tokens + 6 x head params x completion tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # count parameters without loading weights
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["policy"]))
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    return 6 * body * (prompt_tokens + completion_tokens) + 6 * head * completion_tokens
 
 
 def main(args: Args):
     paths = local_models.build_smollm2(local_models.DEFAULT_DIR)
-    dtype = getattr(torch, args.dtype)
-    peak = matmul_peak(dtype)
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.dtype} matmul peak {peak:.1f} GFLOP/s")
+    peaks = {dt: matmul_peak(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, matmul peak fp32 {peaks['float32']:.1f} / bf16 {peaks['bfloat16']:.1f} GFLOP/s")
 
-    vllm_tps, hf_tps, vt, ht = rollout_bench(args, paths)
-    n = args.num_prompts * args.num_generations
-    print(f"\n1. rollout, {n} completions x <= {args.max_new_tokens} new tokens, {args.dtype}")
-    print(f"   vLLM {vllm_tps:7.1f} tok/s ({vt} tokens) | HF generate {hf_tps:7.1f} tok/s ({ht} tokens) | ratio {vllm_tps / hf_tps:.2f}x (target >= 4x)")
+    if not args.skip_rollout:
+        vllm_tps, hf_tps, vt, ht = rollout_bench(args, paths)
+        n = args.num_prompts * args.num_generations
+        print(f"\n1. rollout, {n} completions x <= {args.max_new_tokens} new tokens, {args.rollout_dtype}, vLLM {'compiled' if args.vllm_compiled else 'eager'}")
+        print(f"   vLLM {vllm_tps:7.1f} tok/s ({vt} tokens) | HF generate {hf_tps:7.1f} tok/s ({ht} tokens) | ratio {vllm_tps / hf_tps:.2f}x (target >= 4x)")
 
-    phases, train_tokens = step_bench(args, paths)
-    print(f"\n2. step breakdown, train_grlo.py --preset cpu-smollm2 --dtype {args.dtype} (median of steps 2..{args.train_steps})")
-    for k in ("rollout", "reward", "train", "weight_sync"):
-        print(f"   {k:12s} {phases[k]:7.2f} s  {100 * phases[k] / phases['step']:5.1f}% of the step")
-    print(f"   step         {phases['step']:7.2f} s   weight sync share {100 * phases['weight_sync'] / phases['step']:.2f}% (target <= 2%)")
+    if args.skip_steps:
+        return
+    print(f"\n2. step breakdown, train_grlo.py --preset cpu-smollm2 (8 prompts), median of steps 2..{args.train_steps}")
+    print("   setting                 rollout   reward    train     sync      step    sync%  gen tok/s")
+    runs = {"fp32 G=4 64 tok": ("float32", []), "fp32 G=8 64 tok": ("float32", ["--num-generations", "8"]),
+            "fp32 G=4 128 tok": ("float32", ["--max-new-tokens", "128"]), "bf16 G=4 64 tok": ("bfloat16", [])}  # fmt: skip
+    results = {}
+    for name, (dtype, extra) in runs.items():
+        phases, p_tok, c_tok = step_bench(args, paths, dtype, extra)
+        results[name] = (dtype, phases, p_tok, c_tok)
+        cols = "".join(f"{phases[k]:7.2f}s  " for k in ("rollout", "reward", "train", "weight_sync", "step"))
+        print(f"   {name:22s} {cols}{100 * phases['weight_sync'] / phases['step']:5.2f}%  {c_tok / phases['rollout']:8.1f}")
+    print("   (target: weight sync <= 2% of the step)")
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):  # count parameters without loading weights (a tied head counts once)
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["policy"])).parameters())
-    flops = 6 * params * train_tokens / phases["train"] / 1e9
-    print(f"\n3. training phase: {train_tokens} tokens/step, 6 x {params / 1e6:.0f}M x tokens / {phases['train']:.1f} s = {flops:.1f} GFLOP/s")
-    print(f"   = {100 * flops / peak:.1f}% of the {args.dtype} matmul peak (target >= 40%)")
+    print("\n3. training phase vs the matmul peak of its dtype")
+    for name in ("fp32 G=4 64 tok", "bf16 G=4 64 tok"):
+        dtype, phases, p_tok, c_tok = results[name]
+        gflops = train_flops(paths, p_tok, c_tok) / phases["train"] / 1e9
+        print(f"   {name}: {p_tok} prompt + {c_tok} completion tokens/step, {gflops:.1f} GFLOP/s in {phases['train']:.1f} s"
+              f" = {100 * gflops / peaks[dtype]:.1f}% of the {dtype} peak (target >= 40%)")  # fmt: skip
 
 
 if __name__ == "__main__":
