@@ -112,7 +112,7 @@ def step_bench(args: Args, paths: dict, dtype: str, extra: list):
         r = json.loads(line)
         if r["step"] == 0:
             continue
-        prompt_tok[r["step"]] = prompt_tok.get(r["step"], 0) + len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True))
+        prompt_tok[r["step"]] = prompt_tok.get(r["step"], 0) + len(tg.tokenize_prompts([r], tok, 10**9)[1][0])
         completion_tok[r["step"]] = completion_tok.get(r["step"], 0) + len(tok(r["completion"])["input_ids"]) + 1  # + EOS
     shutil.rmtree(out, ignore_errors=True)
     return phases, median(list(prompt_tok.values())), median(list(completion_tok.values()))
