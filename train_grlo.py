@@ -418,7 +418,7 @@ class TokenLogProbs(torch.autograd.Function):
             g = torch.zeros_like(p)
             if grad_logprobs is not None:
                 g -= grad_logprobs[s, None] * p
-                g[torch.arange(len(g)), targets[s]] += grad_logprobs[s]
+                g[torch.arange(len(g), device=g.device), targets[s]] += grad_logprobs[s]
             if grad_entropy is not None:
                 g -= grad_entropy[s, None] * p * (logp + entropy[s, None])
             grad[s] = g / ctx.temperature
