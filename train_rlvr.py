@@ -454,9 +454,8 @@ class TokenLogProbs(torch.autograd.Function):
             s = slice(i, i + ctx.chunk)
             logp = logits[s].float() / ctx.temperature - logz[s, None]  # (n, V) log p
             p = logp.exp()
-            g = torch.zeros_like(p)
+            g = -grad_logprobs[s, None] * p if grad_logprobs is not None else torch.zeros_like(p)
             if grad_logprobs is not None:
-                g -= grad_logprobs[s, None] * p
                 g[torch.arange(len(g), device=g.device), targets[s]] += grad_logprobs[s]
             if grad_entropy is not None:
                 g -= grad_entropy[s, None] * p * (logp + entropy[s, None])
