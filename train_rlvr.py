@@ -16,6 +16,7 @@ follow DAPO where the paper is silent: clip 0.2/0.28, token-mean loss, dynamic s
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import glob
 import hashlib
@@ -156,6 +157,8 @@ class Args:
     """passes over each rollout batch"""
     token_budget: int = 16384
     """max padded tokens per forward micro-batch; sets gradient accumulation"""
+    keep_freed_memory: bool = True
+    """CPU runs: glibc keeps freed memory for reuse instead of returning it to the OS (see keep_freed_memory)"""
     num_epochs: int = 1
     """passes over the prompt set; sets the step count when max_steps is 0"""
     max_steps: int = 0
@@ -295,6 +298,24 @@ def request_seed(seed: int, step: int, prompt_index: int, sample: int) -> int:
     """Per-completion sampling seed from (seed, step, prompt, sample): reproducible on any rank count."""
     digest = hashlib.sha256(f"{seed}/{step}/{prompt_index}/{sample}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+# Copied from train_grlo.keep_freed_memory
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS. Used on CPU only.
+
+    Every step frees gigabytes of activations and allocates them again. By default glibc gives large blocks
+    back to the OS (munmap, heap trim), so the next step writes to fresh pages, and each fresh page costs a
+    page fault plus zeroing. We measured 1-4 GiB/s for fresh memory on our VMs, against ~12 GiB/s for memory
+    that is reused. With this setting, blocks under 32 MiB come from the heap (32 MiB is glibc's largest
+    M_MMAP_THRESHOLD), and the heap is never trimmed. On the cpu-smollm2 preset a step is ~15% faster
+    (README "Speed"), at the same peak RSS. Returns False where the C library has no mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # constants from glibc's <malloc.h>
+    return mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
 
 # ---- rollout ----
 # Copied from train_grlo.eos_token_ids
@@ -738,6 +759,7 @@ def reward_trend(rollouts_path: str, windows: int = 6) -> str:
 def main(args: Args):
     # ---- 0. setup: accelerator, logging, seeds ----
     cpu = not torch.cuda.is_available()
+    malloc_kept = cpu and args.keep_freed_memory and keep_freed_memory()  # before the big allocations
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and not cpu)
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -745,6 +767,8 @@ def main(args: Args):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by {world} processes")
     set_seed(args.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    if cpu and args.keep_freed_memory and not malloc_kept:
+        log("note: no glibc mallopt here, so --keep-freed-memory has no effect")
     writer = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)

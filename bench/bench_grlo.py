@@ -2,10 +2,12 @@
 
 Prints, each as a ratio so that a noisy machine still gives comparable numbers:
   1. rollout tokens/s: vLLM (`generate_vllm`) vs the HF fallback (`generate_hf`), same prompts, same
-     dtype, 64 completions x up to 128 new tokens (issue target: >= 4x);
+     dtype, 64 completions x up to 128 new tokens (issue target: >= 4x); and beside it a floor: the time the
+     same decode's matrix multiplies alone take on this machine (see `decode_matmul_floor`);
   2. the step broken down into rollout / reward / train / weight sync, read from real `train_grlo.py
      --preset cpu-smollm2` runs' TensorBoard scalars (target: weight sync <= 2% of a step), at the preset's
-     G=4 x 64 tokens and at twice the group size and twice the response length, to show how cost scales;
+     G=4 x 64 tokens, the same with glibc's default allocator behaviour (--no-keep-freed-memory), and at twice
+     the group size and twice the response length, to show how cost scales;
   3. the training phase's achieved FLOP/s as a fraction of this machine's measured matmul peak, in fp32
      and in bf16 autocast, each against its own dtype's peak (target: >= 40%). FLOPs are counted as
      6 x (non-embedding parameters) x (prompt + completion tokens) + 6 x (LM-head parameters) x (completion
@@ -85,12 +87,50 @@ def rollout_bench(args: Args, paths: dict):
     t = time.perf_counter()
     ids, _, _ = tg.generate_vllm(llm, prompts, list(range(len(prompts))), run, eos, False)
     vllm_s, vllm_tok = time.perf_counter() - t, sum(map(len, ids))
+    vllm_lengths = list(map(len, ids))
     llm.llm_engine.engine_core.shutdown()
     model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=getattr(torch, args.rollout_dtype)).eval()
     t = time.perf_counter()
     ids, _, _ = tg.generate_hf(model, prompts, 0, run, eos, tok.pad_token_id)
     hf_s, hf_tok = time.perf_counter() - t, sum(map(len, ids))
-    return vllm_tok / vllm_s, hf_tok / hf_s, vllm_tok, hf_tok
+    unique_prompt_tokens = sum(len(p) for p in prompt_ids)  # vLLM's prefix cache prefills each prompt once
+    floor_s = decode_matmul_floor(model.config, getattr(torch, args.rollout_dtype), vllm_lengths, unique_prompt_tokens)
+    return vllm_tok / vllm_s, hf_tok / hf_s, vllm_tok, hf_tok, vllm_tok / floor_s, floor_s
+
+
+def decode_matmul_floor(config, dtype: torch.dtype, lengths: list, prompt_tokens: int) -> float:
+    """Seconds that only the matrix multiplies of a rollout take on this machine: a floor for any engine that
+    decodes one token per forward (no speculative decoding) with torch's matmul.
+
+    Decoding is one forward per new token, batched over the completions still running: at step t the batch
+    has M_t = #{completions longer than t} rows. Each forward multiplies those rows by every weight matrix
+    (fused q|k|v, o, fused gate|up, down per layer, then the LM head), as vLLM does. We time exactly those
+    (M, K) x (K, N) products with torch's matmul at the rollout dtype and add them up, plus one prefill pass
+    over the prompts. Attention, norms, sampling and scheduling are left out, so a real engine is slower."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    shapes = [(hidden, qkv), (config.num_attention_heads * head_dim, hidden), (hidden, 2 * inter), (inter, hidden)]
+    weights = [torch.randn(n, k, dtype=dtype) for k, n in shapes]
+    head = torch.randn(config.vocab_size, hidden, dtype=dtype)
+
+    def forward_s(m: int, with_head: bool = True) -> float:  # best of 3: one forward's matmuls on m rows
+        xs = {k: torch.randn(m, k, dtype=dtype) for k, _ in shapes}
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for (k, _), w in zip(shapes, weights):
+                torch.nn.functional.linear(xs[k], w)
+            body = (time.perf_counter() - t) * layers
+            t = time.perf_counter()
+            if with_head:
+                torch.nn.functional.linear(xs[hidden], head)
+            best = min(best, body + (time.perf_counter() - t if with_head else 0.0))
+        return best
+
+    rows_per_step = [sum(n > t for n in lengths) for t in range(max(lengths))]
+    per_m = {m: forward_s(m) for m in set(rows_per_step)}
+    return sum(per_m[m] for m in rows_per_step) + forward_s(prompt_tokens, with_head=False)
 
 
 def step_bench(args: Args, paths: dict, dtype: str, extra: list):
@@ -135,16 +175,19 @@ def main(args: Args):
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, matmul peak fp32 {peaks['float32']:.1f} / bf16 {peaks['bfloat16']:.1f} GFLOP/s")
 
     if not args.skip_rollout:
-        vllm_tps, hf_tps, vt, ht = rollout_bench(args, paths)
+        vllm_tps, hf_tps, vt, ht, floor_tps, floor_s = rollout_bench(args, paths)
         n = args.num_prompts * args.num_generations
         print(f"\n1. rollout, {n} completions x <= {args.max_new_tokens} new tokens, {args.rollout_dtype}, vLLM {'compiled' if args.vllm_compiled else 'eager'}")
         print(f"   vLLM {vllm_tps:7.1f} tok/s ({vt} tokens) | HF generate {hf_tps:7.1f} tok/s ({ht} tokens) | ratio {vllm_tps / hf_tps:.2f}x (target >= 4x)")
+        print(f"   floor: the same decode's matmuls alone take {floor_s:.1f} s here = {floor_tps:.1f} tok/s, "
+              f"{floor_tps / hf_tps:.2f}x HF generate (an engine with zero overhead beyond its matmuls)")  # fmt: skip
 
     if args.skip_steps:
         return
     print(f"\n2. step breakdown, train_grlo.py --preset cpu-smollm2 (8 prompts), median of steps 2..{args.train_steps}")
     print("   setting                 rollout   reward    train     sync      step    sync%  gen tok/s")
-    runs = {"fp32 G=4 64 tok": ("float32", []), "fp32 G=8 64 tok": ("float32", ["--num-generations", "8"]),
+    runs = {"fp32 G=4 64 tok": ("float32", []), "  same, glibc default": ("float32", ["--no-keep-freed-memory"]),
+            "fp32 G=8 64 tok": ("float32", ["--num-generations", "8"]),
             "fp32 G=4 128 tok": ("float32", ["--max-new-tokens", "128"]), "bf16 G=4 64 tok": ("bfloat16", [])}  # fmt: skip
     results = {}
     for name, (dtype, extra) in runs.items():
@@ -152,7 +195,7 @@ def main(args: Args):
         results[name] = (dtype, phases, p_tok, c_tok)
         cols = "".join(f"{phases[k]:7.2f}s  " for k in ("rollout", "reward", "train", "weight_sync", "step"))
         print(f"   {name:22s} {cols}{100 * phases['weight_sync'] / phases['step']:5.2f}%  {c_tok / phases['rollout']:8.1f}")
-    print("   (target: weight sync <= 2% of the step)")
+    print("   (target: weight sync <= 2% of the step; 'glibc default' = --no-keep-freed-memory, the allocator A/B)")
 
     print("\n3. training phase vs the matmul peak of its dtype")
     for name in ("fp32 G=4 64 tok", "bf16 G=4 64 tok"):

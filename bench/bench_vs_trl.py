@@ -11,6 +11,10 @@ linear weight for oneDNN at load time and leaves an empty Parameter without a `w
 `model.load_weights` cannot work there; the patch reloads the full state_dict with `model_runner.reload_weights`,
 as train_grlo.sync_weights does. It shows what TRL's colocate mode would cost if its sync worked on CPU; it is
 compared on its own line and never counted as "TRL's best mode".
+Two more runs on request isolate our allocator setting (train_grlo.keep_freed_memory, on by default on CPU):
+  ours-vllm-glibc  ours with --no-keep-freed-memory (glibc's default malloc behaviour, as TRL runs)
+  trl-hf-kept      trl-hf with the same malloc setting, given through GLIBC_TUNABLES (KEPT_TUNABLES), which
+                   glibc applies exactly as the mallopt calls do; also compared on its own line.
 Both sides take every hyperparameter from train_grlo.PRESETS["cpu-smollm2"]: 8 prompts x G=4, 64 new tokens,
 temperature 1, its learning rate, no KL, one optimizer step per generation batch, token-mean loss (TRL "dapo"),
 group std scaling, seed, fp32. Per run: median step time (first step excluded as warm-up), generated tokens/s
@@ -71,7 +75,9 @@ import local_models  # noqa: E402
 import train_grlo as tg  # noqa: E402
 
 PRESET = "cpu-smollm2"
-RUNS = ("ours-vllm", "ours-hf", "trl-hf", "trl-vllm")  # the default set; trl-vllm-patched only on request
+RUNS = ("ours-vllm", "ours-hf", "trl-hf", "trl-vllm")  # the default set; the others only on request
+# keep_freed_memory's two mallopt settings as glibc tunables, for a process we do not control (TRL)
+KEPT_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647"
 LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "constant": "dr_grpo"}  # ours -> TRL's name
 
 
@@ -79,8 +85,8 @@ LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "constant": "d
 class Args:
     steps: Optional[int] = None
     """optimizer steps per run, one generation batch each, the first excluded as warm-up; None = 6 (2 with --smoke)"""
-    runs: tuple[Literal["ours-vllm", "ours-hf", "trl-hf", "trl-vllm", "trl-vllm-patched"], ...] = RUNS
-    """which runs to do, in this order, one subprocess each (trl-vllm-patched: see the top of this file)"""
+    runs: tuple[Literal["ours-vllm", "ours-hf", "trl-hf", "trl-vllm", "trl-vllm-patched", "ours-vllm-glibc", "trl-hf-kept"], ...] = RUNS
+    """which runs to do, in this order, one subprocess each (the last three: see the top of this file)"""
     output_json: str = os.path.join(ROOT, "runs", "bench_vs_trl.json")
     """the results (per-run metrics or errors, settings, parity checks, ratios) are written here"""
     smoke: bool = False
@@ -331,11 +337,15 @@ def run_one(name: str, args: Args, steps: int, p: tg.Args, work: str) -> dict:
         cmd = [sys.executable, "train_grlo.py", "--preset", PRESET, "--model", p.model, "--reward-model", p.reward_model,
                "--max-steps", str(steps), "--output-dir", out, "--save-every", "0", "--sample-every", "0"]  # fmt: skip
         cmd += ["--no-use-vllm"] if name == "ours-hf" else []
+        cmd += ["--no-keep-freed-memory"] if name == "ours-vllm-glibc" else []
     else:
         # TRL's colocated engine sizes its KV cache from vllm_gpu_memory_utilization, which on CPU is a share of
         # all RAM minus what the process already holds (gigabytes); this legacy variable pins it to ours.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(p.vllm_cpu_kv_cache_gb))
-        cmd = [sys.executable, os.path.abspath(__file__), "--trl-worker", name.split("-", 1)[1], "--steps", str(steps),
+        if name == "trl-hf-kept":
+            env["GLIBC_TUNABLES"] = KEPT_TUNABLES
+        mode = name.split("-", 1)[1].removesuffix("-kept")
+        cmd = [sys.executable, os.path.abspath(__file__), "--trl-worker", mode, "--steps", str(steps),
                "--output-json", os.path.join(work, f"{name}.json"), "--trl-grad-accum", str(args.trl_grad_accum)]  # fmt: skip
         cmd += ["--smoke"] if args.smoke else []
     print(f"\n[{name}] {' '.join(cmd)}\n[{name}] log: {log}", flush=True)
@@ -422,13 +432,13 @@ def main(args: Args):
     # TRL's best mode is the faster of the modes TRL ships that ran; the patched run is compared on its own line
     ok = {k: v for k, v in results.items() if "error" not in v}
     shipped = {k: v for k, v in ok.items() if k in ("trl-hf", "trl-vllm")}
-    refs = ([min(shipped, key=lambda k: shipped[k]["median_step_s"])] if shipped else []) + (
-        ["trl-vllm-patched"] if "trl-vllm-patched" in ok else []
-    )
+    refs = ([min(shipped, key=lambda k: shipped[k]["median_step_s"])] if shipped else []) + [
+        k for k in ("trl-vllm-patched", "trl-hf-kept") if k in ok
+    ]
     ratios = {"trl_best_mode": refs[0] if shipped else None}
     for ref in refs:
-        label = "trl_best" if ref != "trl-vllm-patched" else "trl_vllm_patched"
-        for ours in (k for k in ("ours-vllm", "ours-hf") if k in ok):
+        label = "trl_best" if ref in shipped else ref.replace("-", "_")
+        for ours in (k for k in ("ours-vllm", "ours-hf", "ours-vllm-glibc") if k in ok):
             step, rss = (ok[ours][k] / ok[ref][k] for k in ("median_step_s", "peak_rss_gb"))
             ratios[f"{ours}_step_over_{label}"], ratios[f"{ours}_rss_over_{label}"] = step, rss
             print(f"{ours} / {ref}{' (TRL best mode)' if label == 'trl_best' else ''}: step time {step:.2f}x "
