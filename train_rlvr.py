@@ -305,10 +305,11 @@ def keep_freed_memory() -> bool:
 
     Every step frees gigabytes of activations and allocates them again. By default glibc gives large blocks
     back to the OS (munmap, heap trim), so the next step writes to fresh pages, and each fresh page costs a
-    page fault plus zeroing. We measured 1-4 GiB/s for fresh memory on our VMs, against ~12 GiB/s for memory
-    that is reused. With this setting, blocks under 32 MiB come from the heap (32 MiB is glibc's largest
-    M_MMAP_THRESHOLD), and the heap is never trimmed. On the cpu-smollm2 preset a step is ~15% faster
-    (README "Speed"), at the same peak RSS. Returns False where the C library has no mallopt (not glibc)."""
+    page fault plus zeroing: 1-4 GiB/s on our VMs, against ~12 GiB/s for memory that is reused. With this
+    setting, blocks under 32 MiB (glibc's largest M_MMAP_THRESHOLD) come from the heap, and the heap is
+    trimmed only when more than 2 GiB at its top is free (the largest M_TRIM_THRESHOLD that fits mallopt's
+    int). Larger blocks, such as the logits, are still mapped fresh. Measured on the cpu-smollm2 preset in
+    README "Speed on CPU". Returns False where the C library has no mallopt (not glibc)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
