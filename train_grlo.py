@@ -150,6 +150,8 @@ class Args:
     """passes over each rollout batch"""
     token_budget: int = 16384
     """max padded tokens per forward micro-batch; sets gradient accumulation"""
+    share_prompt: bool = False
+    """train on each prompt once per group: its G completions follow it in one row, masked apart (eq. 8; sdpa only)"""
     keep_freed_memory: bool = True
     """CPU runs: glibc keeps freed memory for reuse instead of returning it to the OS (see keep_freed_memory)"""
     num_epochs: int = 15
@@ -180,6 +182,7 @@ PRESETS = {
         max_prompt_length=256, num_generations=4, prompts_per_step=8, max_new_tokens=64, learning_rate=2e-6,
         num_minibatches=1, max_steps=20, save_every=10, sample_every=5,
         token_budget=4096,  # fp32 activations take ~2 MB per token: 16384 would not fit in 24 GB
+        share_prompt=True,  # short completions: the prompt is ~40% of each sample's tokens
     ),
 }  # fmt: skip
 
@@ -448,52 +451,96 @@ class TokenLogProbs(torch.autograd.Function):
 def completion_logprobs(model, batch: dict, temperature: float, chunk_tokens: Optional[int] = None):
     """Per-token log-probs and entropies of the completion tokens. Returns two (b, C) tensors.
 
-    The lm_head runs only on the C positions that predict completion tokens (prompts are left-padded,
-    completions start at the same column), and `TokenLogProbs` takes the fp32 log-softmax `chunk_tokens`
-    rows at a time, so a full (b, C, V) fp32 softmax never exists, not even for backward. Default chunk:
-    1024 rows on GPU (few kernel launches); on CPU ~1 MB of fp32 logits, which stays in cache for the
-    dozen passes over each row (measured 4-5x faster than 1024-row chunks on SmolLM2's 49k vocabulary)."""
-    ids, attn = batch["input_ids"], batch["attention_mask"]  # (b, P+C)
-    L, C = ids.shape[1], batch["completion_ids"].shape[1]
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    keep = torch.arange(L - C - 1, L - 1, device=ids.device)  # position t predicts token t+1
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=keep).logits
-    V = logits.shape[-1]
+    The lm_head runs only on the columns in batch["logits_keep"], the ones that predict completion tokens
+    (see collate), and `TokenLogProbs` takes the fp32 log-softmax `chunk_tokens` rows at a time, so a full
+    (b, C, V) fp32 softmax never exists, not even for backward. Default chunk: 1024 rows on GPU (few kernel
+    launches); on CPU ~1 MB of fp32 logits, which stays in cache for the dozen passes over each row
+    (measured 4-5x faster than 1024-row chunks on SmolLM2's 49k vocabulary)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   logits_to_keep=batch["logits_keep"]).logits  # (rows, S*C, V): S completion slots per row
+    C, V = batch["completion_ids"].shape[1], logits.shape[-1]
+    logits = logits.reshape(-1, C, V)  # one row per slot
+    if logits.shape[0] != len(batch["slot_rows"]):  # a group with fewer than S samples leaves empty slots
+        logits = logits[batch["slot_rows"]]
     chunk = chunk_tokens or (max(1, 2**18 // V) if logits.device.type == "cpu" else 1024)
     logprobs, entropy = TokenLogProbs.apply(logits.reshape(-1, V), batch["completion_ids"].reshape(-1), temperature, chunk)
     return logprobs.view(-1, C), entropy.view(-1, C)
 
 
-def make_microbatches(prompt_ids: list, completion_ids: list, token_budget: int) -> list:
-    """Split sample indices into micro-batches whose padded size (rows x (P + C)) fits the token budget.
-
-    Sorting by length first keeps padding low; a single sample larger than the budget gets its own."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), len(completion_ids[i])))
-    batches, cur, p_max, c_max = [], [], 0, 0
-    for i in order:
-        p, c = max(p_max, len(prompt_ids[i])), max(c_max, len(completion_ids[i]))
-        if cur and (len(cur) + 1) * (p + c) > token_budget:
-            batches.append(cur)
-            cur, p, c = [], len(prompt_ids[i]), len(completion_ids[i])
-        cur.append(i)
-        p_max, c_max = p, c
-    return batches + [cur] if cur else batches
-
-
-def collate(indices: list, prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict:
-    """Left-pad prompts and right-pad completions. completion_mask is 1 exactly on completion tokens:
-    prompt and pad tokens never enter the loss."""
-    P = max(len(prompt_ids[i]) for i in indices)
-    C = max(max(len(completion_ids[i]) for i in indices), 1)
-    ids, attn, comp, cmask = [], [], [], []
+def prompt_groups(indices: list, prompt_ids: list, group_size: int) -> list:
+    """Runs of consecutive indices with the same prompt, at most group_size long (rollout keeps each
+    group's G samples contiguous). group_size 1 gives one sample per run."""
+    groups = []
     for i in indices:
-        p, c = prompt_ids[i], completion_ids[i]
-        ids.append([pad_id] * (P - len(p)) + p + c + [pad_id] * (C - len(c)))
-        attn.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)))
-        comp.append(c + [pad_id] * (C - len(c)))
-        cmask.append([1] * len(c) + [0] * (C - len(c)))
-    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return {"input_ids": t(ids), "attention_mask": t(attn), "completion_ids": t(comp), "completion_mask": t(cmask, torch.float)}
+        if groups and len(groups[-1]) < group_size and prompt_ids[groups[-1][-1]] == prompt_ids[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def make_microbatches(prompt_ids: list, completion_ids: list, token_budget: int, group_size: int = 1) -> list:
+    """Split sample indices into micro-batches whose padded size (rows x (P + S*C)) fits the token budget.
+
+    A row is one sample, or with group_size > 1 (--share-prompt) one group: its prompt once and S slots of
+    C columns (see collate); groups are never split here. Sorting rows by length first keeps padding low; a
+    row larger than the budget gets its own micro-batch. Returns lists of sample indices, groups contiguous."""
+    size = lambda g: (len(prompt_ids[g[0]]), max(len(completion_ids[i]) for i in g), len(g))  # noqa: E731
+    batches, cur, p_max, c_max, s_max = [], [], 0, 0, 0
+    for g in sorted(prompt_groups(range(len(prompt_ids)), prompt_ids, group_size), key=size):
+        p, c, s = (max(a, b) for a, b in zip(size(g), (p_max, c_max, s_max)))
+        if cur and (len(cur) + 1) * (p + s * c) > token_budget:
+            batches.append(cur)
+            cur, (p, c, s) = [], size(g)
+        cur.append(g)
+        p_max, c_max, s_max = p, c, s
+    return [[i for g in b for i in g] for b in batches + [cur] if b]
+
+
+def collate(indices: list, prompt_ids: list, completion_ids: list, pad_id: int, device, group_size: int = 1) -> dict:
+    """Model inputs for a micro-batch. Prompts are left-padded to end at column P-1; completion_ids and
+    completion_mask come out as (b, C), and completion_mask is 1 exactly on completion tokens, so prompt and
+    pad tokens never enter the loss.
+
+    Each row holds one group from prompt_groups: its prompt once, then S slots of C columns, one completion
+    per slot (S = 1 without --share-prompt: the usual prompt + completion row). Eq. 8: every slot's
+    positions continue from the prompt's end, and the attention mask lets a token see the prompt and the
+    earlier tokens of its own slot only, so each completion gets exactly the logits it would get in a row
+    of its own, and the prompt is forwarded (and back-propagated) once per group instead of G times.
+    logits_keep lists, slot by slot, the columns whose logits predict the slot's tokens: P-1 (the prompt's
+    last token) for the first one, then the slot's own columns. With S = 1 the mask stays 2-D (padding
+    only) and the model builds its usual causal mask."""
+    groups = prompt_groups(indices, prompt_ids, group_size)
+    P = max(len(prompt_ids[g[0]]) for g in groups)
+    C = max(max(len(completion_ids[i]) for i in indices), 1)
+    S = max(len(g) for g in groups)
+    L = P + S * C
+    ids = torch.full((len(groups), L), pad_id, dtype=torch.long)
+    seg = torch.full((len(groups), L), -1)  # -1 padding, 0 prompt, k + 1 slot k
+    pos = torch.zeros(len(groups), L, dtype=torch.long)
+    comp = torch.full((len(indices), C), pad_id, dtype=torch.long)
+    cmask = torch.zeros(len(indices), C)
+    slot_rows = []  # which slot (row * S + k) holds each sample, in order
+    for r, g in enumerate(groups):
+        p = torch.tensor(prompt_ids[g[0]], dtype=torch.long)
+        ids[r, P - len(p) : P], seg[r, P - len(p) : P], pos[r, P - len(p) : P] = p, 0, torch.arange(len(p))
+        for k, i in enumerate(g):
+            c = torch.tensor(completion_ids[i], dtype=torch.long)
+            s = P + k * C
+            ids[r, s : s + len(c)], seg[r, s : s + len(c)] = c, k + 1
+            pos[r, s : s + len(c)] = torch.arange(len(p), len(p) + len(c))
+            comp[len(slot_rows), : len(c)], cmask[len(slot_rows), : len(c)] = c, 1
+            slot_rows.append(r * S + k)
+    keep = torch.cat([torch.cat([torch.tensor([P - 1]), torch.arange(P + k * C, P + k * C + C - 1)]) for k in range(S)])
+    if S == 1:
+        attn = (seg >= 0).long()  # (rows, L)
+    else:
+        q, kv = seg[:, :, None], seg[:, None, :]
+        attn = torch.ones(L, L, dtype=torch.bool).tril() & (kv >= 0) & ((kv == 0) | (kv == q))
+        attn = (attn | torch.eye(L, dtype=torch.bool))[:, None]  # (rows, 1, L, L); no row fully masked (NaN)
+    batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "logits_keep": keep,
+             "slot_rows": torch.tensor(slot_rows), "completion_ids": comp, "completion_mask": cmask}  # fmt: skip
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ---- loss ----
@@ -555,14 +602,15 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
     n = len(completion_ids)
     mb_size = math.ceil(n / args.num_minibatches)
     minibatches = [list(range(k, min(k + mb_size, n))) for k in range(0, n, mb_size)]
+    group = args.num_generations if args.share_prompt else 1  # eq. 8: one prompt forward per group
     # pi_old (and pi_ref) log-probs: one no-grad pass, needed only when the policy moves before a sample is
     # used; with a single update pi_old is the current policy, detached, and this pass is skipped.
     old_lp, ref_lp = None, None
     if args.num_minibatches * args.ppo_epochs > 1 or ref_model is not None:
         old_lp, ref_lp = [None] * n, [None] * n
         with torch.no_grad():
-            for mb in make_microbatches(prompt_ids, completion_ids, args.token_budget):
-                b = collate(mb, prompt_ids, completion_ids, pad_id, device)
+            for mb in make_microbatches(prompt_ids, completion_ids, args.token_budget, group):
+                b = collate(mb, prompt_ids, completion_ids, pad_id, device, group)
                 with accelerator.autocast():
                     lp = completion_logprobs(model, b, args.temperature)[0]
                     ref = completion_logprobs(ref_model, b, args.temperature)[0] if ref_model is not None else lp
@@ -576,14 +624,14 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
             # global sequence and token counts of this mini-batch (summed over ranks) for the eq. 6 weights
             counts = torch.tensor([len(mb), sum(len(completion_ids[i]) for i in mb)], dtype=torch.float32, device=device)
             num_seqs, num_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
-            micro = [[mb[j] for j in m] for m in make_microbatches([prompt_ids[i] for i in mb], [completion_ids[i] for i in mb], args.token_budget)]
+            micro = [[mb[j] for j in m] for m in make_microbatches([prompt_ids[i] for i in mb], [completion_ids[i] for i in mb], args.token_budget, group)]
             # equal micro-batch counts on every rank keep DDP's gradient all-reduces in lockstep
             n_micro = int(accelerator.reduce(torch.tensor(len(micro), device=device), "max"))
             while len(micro) < n_micro:
                 big = max(range(len(micro)), key=lambda k: len(micro[k]))
                 micro[big : big + 1] = [micro[big][: len(micro[big]) // 2], micro[big][len(micro[big]) // 2 :]]
             for k, m in enumerate(micro):
-                b = collate(m, prompt_ids, completion_ids, pad_id, device)
+                b = collate(m, prompt_ids, completion_ids, pad_id, device, group)
                 C = b["completion_ids"].shape[1]
                 # Gradients sync (DDP) and DeepSpeed steps its engine only on the last micro-batch; Accelerate
                 # reads the boundary from sync_gradients, which its own accumulate() sets the same way.
@@ -733,6 +781,9 @@ def main(args: Args):
 
     # ---- 2. models: policy, optimizer, reward model, optional reference, vLLM engine ----
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.share_prompt and model.config._attn_implementation != "sdpa":  # eager would add a bool mask as 0/1
+        raise ValueError(f"--share-prompt needs sdpa attention (it passes a 4-D mask); {args.model} uses "
+                         f"{model.config._attn_implementation!r}: use --no-share-prompt")  # fmt: skip
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -6,12 +6,14 @@ Prints, each as a ratio so that a noisy machine still gives comparable numbers:
      same decode's matrix multiplies alone take on this machine (see `decode_matmul_floor`);
   2. the step broken down into rollout / reward / train / weight sync, read from real `train_grlo.py
      --preset cpu-smollm2` runs' TensorBoard scalars (target: weight sync <= 2% of a step), at the preset's
-     G=4 x 64 tokens, the same with glibc's default allocator behaviour (--no-keep-freed-memory), and at twice
+     G=4 x 64 tokens, the same with glibc's default allocator behaviour (--no-keep-freed-memory), the same
+     with one prompt copy per sample instead of one per group (--no-share-prompt), and at twice
      the group size and twice the response length, to show how cost scales;
   3. the training phase's achieved FLOP/s as a fraction of this machine's measured matmul peak, in fp32
      and in bf16 autocast, each against its own dtype's peak (target: >= 40%). FLOPs are counted as
-     6 x (non-embedding parameters) x (prompt + completion tokens) + 6 x (LM-head parameters) x (completion
-     tokens), since the LM head runs only on completion positions; attention's own FLOPs (~5% here at
+     6 x (non-embedding parameters) x (prompt + completion tokens forwarded; a shared prompt counts once per
+     group) + 6 x (LM-head parameters) x (completion tokens), since the LM head runs only on completion
+     positions; attention's own FLOPs (~5% here at
      ~150-token sequences) are not counted, so the fraction is a slight underestimate.
 
     python bench/bench_grlo.py
@@ -134,7 +136,8 @@ def decode_matmul_floor(config, dtype: torch.dtype, lengths: list, prompt_tokens
 
 
 def step_bench(args: Args, paths: dict, dtype: str, extra: list):
-    """A real cpu-smollm2 run; returns per-phase median seconds and median prompt / completion tokens per step."""
+    """A real cpu-smollm2 run; returns per-phase median seconds and median prompt / completion tokens per step
+    that the update forwards: with --share-prompt (the preset's default) each prompt counts once per group."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoTokenizer
 
@@ -147,12 +150,16 @@ def step_bench(args: Args, paths: dict, dtype: str, extra: list):
     median = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # noqa: E731
     phases = {k: median([e.value for e in acc.Scalars(f"time/{k}")[1:]]) for k in ("rollout", "reward", "train", "weight_sync", "step")}
     tok = AutoTokenizer.from_pretrained(paths["policy"])
-    prompt_tok, completion_tok = {}, {}
+    shared = "--no-share-prompt" not in extra
+    prompt_tok, completion_tok, seen = {}, {}, set()
     for line in open(os.path.join(out, "rollouts.jsonl")):
         r = json.loads(line)
         if r["step"] == 0:
             continue
-        prompt_tok[r["step"]] = prompt_tok.get(r["step"], 0) + len(tg.tokenize_prompts([r], tok, 10**9)[1][0])
+        key = (r["step"], json.dumps(r["prompt"]))
+        if not (shared and key in seen):  # a step's prompts are distinct: one per group
+            prompt_tok[r["step"]] = prompt_tok.get(r["step"], 0) + len(tg.tokenize_prompts([r], tok, 10**9)[1][0])
+        seen.add(key)
         completion_tok[r["step"]] = completion_tok.get(r["step"], 0) + len(tok(r["completion"])["input_ids"]) + 1  # + EOS
     shutil.rmtree(out, ignore_errors=True)
     return phases, median(list(prompt_tok.values())), median(list(completion_tok.values()))
@@ -187,6 +194,7 @@ def main(args: Args):
     print(f"\n2. step breakdown, train_grlo.py --preset cpu-smollm2 (8 prompts), median of steps 2..{args.train_steps}")
     print("   setting                 rollout   reward    train     sync      step    sync%  gen tok/s")
     runs = {"fp32 G=4 64 tok": ("float32", []), "  same, glibc default": ("float32", ["--no-keep-freed-memory"]),
+            "  same, no shared prompt": ("float32", ["--no-share-prompt"]),
             "fp32 G=8 64 tok": ("float32", ["--num-generations", "8"]),
             "fp32 G=4 128 tok": ("float32", ["--max-new-tokens", "128"]), "bf16 G=4 64 tok": ("bfloat16", [])}  # fmt: skip
     results = {}
@@ -195,7 +203,8 @@ def main(args: Args):
         results[name] = (dtype, phases, p_tok, c_tok)
         cols = "".join(f"{phases[k]:7.2f}s  " for k in ("rollout", "reward", "train", "weight_sync", "step"))
         print(f"   {name:22s} {cols}{100 * phases['weight_sync'] / phases['step']:5.2f}%  {c_tok / phases['rollout']:8.1f}")
-    print("   (target: weight sync <= 2% of the step; 'glibc default' = --no-keep-freed-memory, the allocator A/B)")
+    print("   (target: weight sync <= 2% of the step; 'glibc default' = --no-keep-freed-memory, the allocator A/B;")
+    print("    'no shared prompt' = --no-share-prompt: each sample forwards its own copy of the prompt, eq. 8 A/B)")
 
     print("\n3. training phase vs the matmul peak of its dtype")
     for name in ("fp32 G=4 64 tok", "bf16 G=4 64 tok"):

@@ -213,6 +213,69 @@ def test_microbatches_cover_every_sample_once_within_budget():
         assert len(b) == 1 or len(b) * width <= 300
 
 
+def test_shared_prompt_row_layout_positions_and_mask():
+    """Eq. 8 by hand: prompt [5, 6], completions [1, 2] and [3] -> one row [5, 6 | 1, 2 | 3, pad]."""
+    b = tg.collate([0, 1], [[5, 6], [5, 6]], [[1, 2], [3]], pad_id=0, device="cpu", group_size=2)
+    assert b["input_ids"].tolist() == [[5, 6, 1, 2, 3, 0]]
+    assert b["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 2]  # the second completion restarts after the prompt
+    assert b["logits_keep"].tolist() == [1, 2, 1, 4]  # the first token of each slot is predicted at the prompt's end
+    assert b["completion_ids"].tolist() == [[1, 2], [3, 0]] and b["completion_mask"].tolist() == [[1, 1], [1, 0]]
+    assert b["attention_mask"][0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # slot 2 sees the prompt and itself, never slot 1
+        [1, 1, 0, 0, 0, 1],  # padding: output unused, but never a fully masked row (that would be NaN)
+    ]
+
+
+def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models):
+    """One row per group (eq. 8) against one row per sample: same log-probs, entropies and gradients,
+    also for a group cut short by a mini-batch boundary, with fewer tokens forwarded."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    V, G = model.config.vocab_size, 4
+    prompts = [torch.randint(3, V, (n,)).tolist() for n in (5, 9, 7)]
+    prompt_ids = [prompts[i // G] for i in range(3 * G)]
+    comps = [torch.randint(3, V, (n,)).tolist() for n in (4, 6, 1, 5, 3, 3, 3, 2, 7, 6, 5, 4)]
+    for indices in (list(range(3 * G)), [1, 2, 3, 4, 5, 9, 10]):
+        results = []
+        for group_size in (1, G):
+            model.zero_grad()
+            b = tg.collate(indices, prompt_ids, comps, pad_id=0, device="cpu", group_size=group_size)
+            lp, ent = tg.completion_logprobs(model, b, temperature=0.7)
+            m = b["completion_mask"]
+            ((lp * m).sum() + (ent * m).sum()).backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results.append(((lp * m).detach(), (ent * m).detach(), grads, b["input_ids"].numel()))
+        (lp1, ent1, g1, n1), (lpG, entG, gG, nG) = results
+        torch.testing.assert_close(lpG, lp1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(entG, ent1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gG, g1, atol=1e-4, rtol=1e-4)
+        assert g1.abs().max() > 1  # the gradients compared are not all ~0
+        assert nG < n1, (nG, n1)
+
+
+def test_shared_prompt_microbatches_keep_groups_whole_within_budget():
+    import random
+
+    rng = random.Random(0)
+    G, n_groups = 4, 20
+    prompts = [[k] * rng.randint(1, 40) for k in range(n_groups)]
+    prompt_ids = [prompts[i // G] for i in range(n_groups * G)]
+    comps = [[1] * rng.randint(1, 30) for _ in range(n_groups * G)]
+    batches = tg.make_microbatches(prompt_ids, comps, token_budget=400, group_size=G)
+    assert sorted(i for b in batches for i in b) == list(range(n_groups * G))
+    for b in batches:
+        assert all(set(range(i - i % G, i - i % G + G)) <= set(b) for i in b)  # whole groups only
+        rows = len(b) // G
+        width = max(len(prompt_ids[i]) for i in b) + G * max(len(comps[i]) for i in b)
+        assert rows == 1 or rows * width <= 400
+
+
 def test_completion_logprobs_match_a_plain_log_softmax(tiny_models):
     from transformers import AutoModelForCausalLM
 
@@ -435,7 +498,8 @@ def test_two_process_launch_with_vllm(tmp_path, tiny_models):
 def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
     from safetensors.torch import load_file
 
-    common = [PY, "train_grlo.py", *SMOKE, "--max-steps", "4", "--save-every", "2", "--keep-last", "5"]
+    # --share-prompt here, so the eq. 8 path runs end to end with vLLM and must be exactly reproducible too
+    common = [PY, "train_grlo.py", *SMOKE, "--share-prompt", "--max-steps", "4", "--save-every", "2", "--keep-last", "5"]
     full = tmp_path / "full"
     run_script(common + ["--output-dir", str(full)])
     # second run: SIGKILL as soon as checkpoint-2 exists, then resume
