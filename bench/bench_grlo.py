@@ -6,9 +6,8 @@ Prints, each as a ratio so that a noisy machine still gives comparable numbers:
      same decode's matrix multiplies alone take on this machine (see `decode_matmul_floor`);
   2. the step broken down into rollout / reward / train / weight sync, read from real `train_grlo.py
      --preset cpu-smollm2` runs' TensorBoard scalars (target: weight sync <= 2% of a step), at the preset's
-     G=4 x 64 tokens, the same with glibc's default allocator behaviour (--no-keep-freed-memory), the same
-     with one prompt copy per sample instead of one per group (--no-share-prompt), and at twice
-     the group size and twice the response length, to show how cost scales;
+     G=4 x 64 tokens, the same with one prompt copy per sample instead of one per group (--no-share-prompt),
+     and at twice the group size and twice the response length, to show how cost scales;
   3. the training phase's achieved FLOP/s as a fraction of this machine's measured matmul peak, in fp32
      and in bf16 autocast, each against its own dtype's peak (target: >= 40%). FLOPs are counted as
      6 x (non-embedding parameters) x (prompt + completion tokens forwarded; a shared prompt counts once per
@@ -193,8 +192,7 @@ def main(args: Args):
         return
     print(f"\n2. step breakdown, train_grlo.py --preset cpu-smollm2 (8 prompts), median of steps 2..{args.train_steps}")
     print("   setting                 rollout   reward    train     sync      step    sync%  gen tok/s")
-    runs = {"fp32 G=4 64 tok": ("float32", []), "  same, glibc default": ("float32", ["--no-keep-freed-memory"]),
-            "  same, no shared prompt": ("float32", ["--no-share-prompt"]),
+    runs = {"fp32 G=4 64 tok": ("float32", []), "  same, no shared prompt": ("float32", ["--no-share-prompt"]),
             "fp32 G=8 64 tok": ("float32", ["--num-generations", "8"]),
             "fp32 G=4 128 tok": ("float32", ["--max-new-tokens", "128"]), "bf16 G=4 64 tok": ("bfloat16", [])}  # fmt: skip
     results = {}
@@ -203,8 +201,8 @@ def main(args: Args):
         results[name] = (dtype, phases, p_tok, c_tok)
         cols = "".join(f"{phases[k]:7.2f}s  " for k in ("rollout", "reward", "train", "weight_sync", "step"))
         print(f"   {name:22s} {cols}{100 * phases['weight_sync'] / phases['step']:5.2f}%  {c_tok / phases['rollout']:8.1f}")
-    print("   (target: weight sync <= 2% of the step; 'glibc default' = --no-keep-freed-memory, the allocator A/B;")
-    print("    'no shared prompt' = --no-share-prompt: each sample forwards its own copy of the prompt, eq. 8 A/B)")
+    print("   (target: weight sync <= 2% of the step; 'no shared prompt' = --no-share-prompt: each sample forwards")
+    print("    its own copy of the prompt in the update, the eq. 8 A/B)")
 
     print("\n3. training phase vs the matmul peak of its dtype")
     for name in ("fp32 G=4 64 tok", "bf16 G=4 64 tok"):
