@@ -67,7 +67,7 @@ class RewardModel:
     """A sequence-classification RM with num_labels=1. Each Accelerate rank scores its own samples."""
 
     def __init__(self, name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 8, max_length: int = 4096):
+                 batch_size: int = 8, max_length: int = 4096, share_prefix: bool = False):
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{name_or_path}: the RM tokenizer has no chat template to render conversations")
@@ -77,7 +77,10 @@ class RewardModel:
         self.model.to(device).eval()
         if not hasattr(self.model, "score"):
             raise ValueError(f"{type(self.model).__name__}: expected a `score` head (Llama/Qwen/Mistral/Gemma RMs)")
+        if share_prefix and self.model.config._attn_implementation != "sdpa":  # eager would add a bool mask as 0/1
+            raise ValueError(f"{name_or_path}: share_prefix needs sdpa attention, the RM uses {self.model.config._attn_implementation!r}")
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.share_prefix = share_prefix
         # Pads sit after the last real token (right padding) and are masked, so their id never matters.
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.eos_texts = tuple({t for t in (self.tokenizer.eos_token, *EOS_TEXTS) if t})
@@ -124,6 +127,8 @@ class RewardModel:
             logger.warning("RM: %d/%d conversations exceed max_length=%d; scored with the response's end",
                            self.last_num_truncated, len(encoded), self.max_length)
         backbone = getattr(self.model, self.model.base_model_prefix)
+        if self.share_prefix:
+            return self._score_shared(backbone, prompts, [ids for ids, _ in encoded])
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths, less padding
         scores = [0.0] * len(encoded)
         for start in range(0, len(order), self.batch_size):
@@ -140,6 +145,54 @@ class RewardModel:
             last = attention_mask.sum(-1) - 1  # (B,)
             pooled = hidden.last_hidden_state[torch.arange(len(seqs)), last.to(self.device)]  # (B, H)
             for i, value in zip(batch, self.model.score(pooled)[:, 0].float().tolist()):
+                scores[i] = value
+        return scores
+
+    def _score_shared(self, backbone, prompts: list, encoded: list) -> list[float]:
+        """score() with share_prefix: consecutive samples with the same prompt (a GRPO group) go in one row,
+        their common token prefix once, then each sample's remaining tokens. As in train_grlo's eq. 8, the
+        positions of every suffix continue from the prefix's end and the mask lets a token see the prefix and
+        the earlier tokens of its own suffix only, so each sample is pooled (at its last token) from exactly
+        the hidden state its own row would give, for one forward of the shared prompt per group."""
+        groups = []  # lists of sample indices sharing a prompt
+        for i in range(len(encoded)):
+            if groups and prompts[i] == prompts[groups[-1][0]]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        rows = []  # (token ids, segment ids: 0 prefix / k+1 suffix k, position ids, [(sample, pooled column)])
+        for g in groups:
+            seqs = [encoded[i] for i in g]
+            p = 0  # common prefix, leaving every suffix at least its last token
+            while p < min(map(len, seqs)) - 1 and all(s[p] == seqs[0][p] for s in seqs):
+                p += 1
+            ids, seg, pos, pooled = seqs[0][:p], [0] * p, list(range(p)), []
+            for k, (i, s) in enumerate(zip(g, seqs)):
+                ids, seg, pos = ids + s[p:], seg + [k + 1] * (len(s) - p), pos + list(range(p, len(s)))
+                pooled.append((i, len(ids) - 1))
+            rows.append((ids, seg, pos, pooled))
+        rows.sort(key=lambda r: len(r[0]))  # similar lengths, less padding
+        scores = [0.0] * len(encoded)
+        start = 0
+        while start < len(rows):  # at most batch_size samples per forward (one row may hold more)
+            end, n = start + 1, len(rows[start][3])
+            while end < len(rows) and n + len(rows[end][3]) <= self.batch_size:
+                n, end = n + len(rows[end][3]), end + 1
+            batch, start = rows[start:end], end
+            L = max(len(r[0]) for r in batch)
+            input_ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long)
+            seg = torch.full((len(batch), L), -1)  # -1 padding
+            pos = torch.zeros(len(batch), L, dtype=torch.long)
+            for b, (ids, sg, ps, _) in enumerate(batch):
+                input_ids[b, : len(ids)], seg[b, : len(ids)], pos[b, : len(ids)] = torch.tensor(ids), torch.tensor(sg), torch.tensor(ps)
+            q, kv = seg[:, :, None], seg[:, None, :]
+            mask = torch.ones(L, L, dtype=torch.bool).tril() & (kv >= 0) & ((kv == 0) | (kv == q))
+            mask = (mask | torch.eye(L, dtype=torch.bool))[:, None]  # (B, 1, L, L); no row fully masked (NaN)
+            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                              position_ids=pos.to(self.device)).last_hidden_state  # fmt: skip
+            where = [(b, col, i) for b, r in enumerate(batch) for i, col in r[3]]
+            pooled = hidden[[b for b, _, _ in where], [col for _, col, _ in where]]  # (n, H)
+            for (_, _, i), value in zip(where, self.model.score(pooled)[:, 0].float().tolist()):
                 scores[i] = value
         return scores
 

@@ -151,7 +151,7 @@ class Args:
     token_budget: int = 16384
     """max padded tokens per forward micro-batch; sets gradient accumulation"""
     share_prompt: bool = False
-    """train on each prompt once per group: its G completions follow it in one row, masked apart (eq. 8; sdpa only)"""
+    """forward each prompt once per group, in the update and in the RM: the G completions follow it in one row, masked apart (eq. 8; sdpa only)"""
     keep_freed_memory: bool = True
     """CPU runs: glibc keeps freed memory for reuse instead of returning it to the OS (see keep_freed_memory)"""
     num_epochs: int = 15
@@ -794,7 +794,8 @@ def main(args: Args):
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     rm_dtype = torch.bfloat16 if use_bf16 else torch.float32
     reward_model = reward.RewardModel(args.reward_model, device=str(accelerator.device), dtype=rm_dtype,
-                                      batch_size=args.rm_batch_size, max_length=args.rm_max_length)  # fmt: skip
+                                      batch_size=args.rm_batch_size, max_length=args.rm_max_length,
+                                      share_prefix=args.share_prompt)  # fmt: skip
     ref_model = None
     if args.kl_coef > 0:  # only loaded when used
         ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=rm_dtype).to(accelerator.device).eval()

@@ -605,6 +605,20 @@ def test_reward_model_matches_hand_forward_pass(rm):
     assert with_eos == pytest.approx([expected[1]], abs=1e-4)
 
 
+def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm):
+    """share_prefix (train_grlo eq. 8): groups of the same prompt in one row each give the per-sample scores,
+    with groups of different sizes, an empty response, a singleton, and a row larger than batch_size."""
+    shared = reward.RewardModel(tiny_models["reward"], batch_size=3, share_prefix=True)
+    group = lambda k: [SAMPLES[k][0]] * 4  # noqa: E731
+    prompts = group(0) + [SAMPLES[1][0]] + group(3) + group(4)[:2] + [SAMPLES[2][0]] * 2
+    responses = (["First.", "First, heat the pan. " * 5, "Second", ""] + ["hi"]
+                 + ["3 apples", "so \\boxed{7}. " * 3, "7", "seven apples"] + ["", "go"] + ["Because.", "Because therefore."])  # fmt: skip
+    want = rm.score(prompts, responses)
+    got = shared.score(prompts, responses)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len(set(round(x, 4) for x in want)) > len(want) - 2  # the scores compared differ from one another
+
+
 def test_reward_model_truncates_the_response_from_the_left(tiny_models):
     rm = reward.RewardModel(tiny_models["reward"], max_length=48)
     messages, long_response = SAMPLES[0][0], " ".join(f"step {i}." for i in range(60))
