@@ -158,7 +158,7 @@ class Args:
     token_budget: int = 16384
     """max padded tokens per forward micro-batch; sets gradient accumulation"""
     share_prompt: bool = False
-    """forward each prompt once per group, in the update and in the RM: the G completions follow it in one row, masked apart (eq. 8; sdpa only)"""
+    """forward each prompt once per group, in the update and the RM: its G completions follow it in one row, masked apart (eq. 8)"""
     keep_freed_memory: bool = True
     """CPU runs: glibc keeps freed memory for reuse instead of returning it to the OS (see keep_freed_memory)"""
     num_epochs: int = 1
