@@ -344,10 +344,12 @@ def test_keep_freed_memory_stops_page_faults_on_reuse():
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     default, kept = faults("default"), faults("keep")
-    # glibc's default hands the 8 MiB blocks back to the OS: every round faults all 320 MiB in again
-    # (81920 4-KiB pages); with keep_freed_memory only the first round does.
-    assert min(default) > 0.8 * 81920, default
-    assert kept[0] > 0.8 * 81920 and kept[2] < 0.05 * kept[0], kept
+    # glibc's default maps the first round's 8 MiB blocks fresh and unmaps them on free, so round 2 faults
+    # all 320 MiB in again (81920 4-KiB pages). Whether round 3 does depends on glibc's adaptive thresholds
+    # (measured both ways), which is why the setting mostly speeds up a run's first steps (README "Speed on
+    # CPU"). With keep_freed_memory only the first round faults.
+    assert default[0] > 0.8 * 81920 and default[1] > 0.8 * 81920, default
+    assert kept[0] > 0.8 * 81920 and max(kept[1:]) < 0.05 * kept[0], kept
 
 
 def test_eos_ids_include_tokenizer_and_generation_config(tiny_models):
