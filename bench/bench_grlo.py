@@ -6,8 +6,9 @@ Prints, each as a ratio so that a noisy machine still gives comparable numbers:
      same decode's matrix multiplies alone take on this machine (see `decode_matmul_floor`);
   2. the step broken down into rollout / reward / train / weight sync, read from real `train_grlo.py
      --preset cpu-smollm2` runs' TensorBoard scalars (target: weight sync <= 2% of a step), at the preset's
-     G=4 x 64 tokens, the same with one prompt copy per sample instead of one per group (--no-share-prompt),
-     and at twice the group size and twice the response length, to show how cost scales;
+     G=4 x 64 tokens, the same with one prompt copy per sample instead of one per group in the update and the
+     RM (--no-share-prompt), and at twice the group size and twice the response length, to show how cost
+     scales;
   3. the training phase's achieved FLOP/s as a fraction of this machine's measured matmul peak, in fp32
      and in bf16 autocast, each against its own dtype's peak (target: >= 40%). FLOPs are counted as
      6 x (non-embedding parameters) x (prompt + completion tokens forwarded; a shared prompt counts once per
@@ -202,7 +203,7 @@ def main(args: Args):
         cols = "".join(f"{phases[k]:7.2f}s  " for k in ("rollout", "reward", "train", "weight_sync", "step"))
         print(f"   {name:22s} {cols}{100 * phases['weight_sync'] / phases['step']:5.2f}%  {c_tok / phases['rollout']:8.1f}")
     print("   (target: weight sync <= 2% of the step; 'no shared prompt' = --no-share-prompt: each sample forwards")
-    print("    its own copy of the prompt in the update, the eq. 8 A/B)")
+    print("    its own copy of the prompt in the update and the RM, the eq. 8 A/B)")
 
     print("\n3. training phase vs the matmul peak of its dtype")
     for name in ("fp32 G=4 64 tok", "bf16 G=4 64 tok"):
