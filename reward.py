@@ -63,6 +63,17 @@ EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</
 
 
 # ---- 1. reward model (Skywork-Reward-V2 convention, CONTEXT.md) ----
+def shared_prefix_mask(seg: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) boolean attention mask for rows that pack one shared prefix and several continuations
+    (train_grlo eq. 8). seg (B, L): 0 on the prefix, k + 1 on continuation k, -1 on padding. A token sees
+    the prefix and the earlier tokens of its own continuation only; every row also sees itself, because a
+    fully masked row (padding) would give NaN. Used by RewardModel(share_prefix=True) and train_grlo.collate."""
+    L = seg.shape[1]
+    q, kv = seg[:, :, None], seg[:, None, :]
+    mask = torch.ones(L, L, dtype=torch.bool).tril() & (kv >= 0) & ((kv == 0) | (kv == q))
+    return (mask | torch.eye(L, dtype=torch.bool))[:, None]
+
+
 class RewardModel:
     """A sequence-classification RM with num_labels=1. Each Accelerate rank scores its own samples."""
 
@@ -160,17 +171,17 @@ class RewardModel:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        rows = []  # (token ids, segment ids: 0 prefix / k+1 suffix k, position ids, [(sample, pooled column)])
+        rows = []  # (token ids, segment ids: 0 prefix / k+1 suffix k, position ids, [(sample, its last column)])
         for g in groups:
             seqs = [encoded[i] for i in g]
             p = 0  # common prefix, leaving every suffix at least its last token
             while p < min(map(len, seqs)) - 1 and all(s[p] == seqs[0][p] for s in seqs):
                 p += 1
-            ids, seg, pos, pooled = seqs[0][:p], [0] * p, list(range(p)), []
+            ids, seg, pos, ends = seqs[0][:p], [0] * p, list(range(p)), []
             for k, (i, s) in enumerate(zip(g, seqs)):
                 ids, seg, pos = ids + s[p:], seg + [k + 1] * (len(s) - p), pos + list(range(p, len(s)))
-                pooled.append((i, len(ids) - 1))
-            rows.append((ids, seg, pos, pooled))
+                ends.append((i, len(ids) - 1))
+            rows.append((ids, seg, pos, ends))
         rows.sort(key=lambda r: len(r[0]))  # similar lengths, less padding
         scores = [0.0] * len(encoded)
         start = 0
@@ -185,9 +196,7 @@ class RewardModel:
             pos = torch.zeros(len(batch), L, dtype=torch.long)
             for b, (ids, sg, ps, _) in enumerate(batch):
                 input_ids[b, : len(ids)], seg[b, : len(ids)], pos[b, : len(ids)] = torch.tensor(ids), torch.tensor(sg), torch.tensor(ps)
-            q, kv = seg[:, :, None], seg[:, None, :]
-            mask = torch.ones(L, L, dtype=torch.bool).tril() & (kv >= 0) & ((kv == 0) | (kv == q))
-            mask = (mask | torch.eye(L, dtype=torch.bool))[:, None]  # (B, 1, L, L); no row fully masked (NaN)
+            mask = shared_prefix_mask(seg)  # (B, 1, L, L)
             hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                               position_ids=pos.to(self.device)).last_hidden_state  # fmt: skip
             where = [(b, col, i) for b, r in enumerate(batch) for i, col in r[3]]

@@ -578,9 +578,7 @@ def collate(indices: list, prompt_ids: list, completion_ids: list, pad_id: int, 
     if S == 1:
         attn = (seg >= 0).long()  # (rows, L)
     else:
-        q, kv = seg[:, :, None], seg[:, None, :]
-        attn = torch.ones(L, L, dtype=torch.bool).tril() & (kv >= 0) & ((kv == 0) | (kv == q))
-        attn = (attn | torch.eye(L, dtype=torch.bool))[:, None]  # (rows, 1, L, L); no row fully masked (NaN)
+        attn = reward.shared_prefix_mask(seg)  # (rows, 1, L, L)
     batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "logits_keep": keep,
              "slot_rows": torch.tensor(slot_rows), "completion_ids": comp, "completion_mask": cmask}  # fmt: skip
     return {k: v.to(device) for k, v in batch.items()}
