@@ -47,7 +47,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,50 @@ def shared_prefix_mask(seg: torch.Tensor) -> torch.Tensor:
     return (mask | torch.eye(L, dtype=torch.bool))[:, None]
 
 
+SHARED_PREFIX_ATTENTION = "grlo_shared_prefix"  # registered below; set with model.set_attn_implementation
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            shared_prefix_slots=None, **kwargs):  # fmt: skip
+    """sdpa for rows laid out as [prefix: P columns | S slots of C columns] under shared_prefix_mask.
+
+    That mask is False everywhere except three kinds of blocks: prefix x prefix, slot k x prefix and slot k x
+    slot k. sdpa with the whole (L, L) mask still scores every pair, about 3x the needed work for 4 slots of
+    64 tokens after a 47-token prompt. Here the prefix and the slots get one sdpa call each, a slot's queries
+    attending over P + C keys (its row's prefix, then itself) instead of L, so only the skipped, fully masked
+    blocks differ from plain sdpa, and they contributed nothing. The caller passes shared_prefix_slots=(S, C)
+    to the model's forward; any forward without it (HF generate, a 2-D mask) is plain sdpa.
+    query (B, H, L, D); key, value (B, H_kv, L, D); attention_mask (B, 1, L, L) bool. Returns (B, L, H, D)."""
+    if shared_prefix_slots is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    S, C = shared_prefix_slots
+    B, H, L, D = query.shape
+    P = L - S * C
+    key, value = repeat_kv(key, H // key.shape[1]), repeat_kv(value, H // value.shape[1])  # GQA: one per head
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling,
+                             dropout_p=dropout if module.training else 0.0)  # fmt: skip
+    mask = attention_mask[:, 0]  # (B, L, L)
+    out_prefix = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], attn_mask=mask[:, None, :P, :P])  # (B, H, P, D)
+
+    def by_slot(x):  # (B, H, L, D) -> (B*S, H, C, D): slot k of row b becomes row b*S + k
+        return x[:, :, P:].unflatten(2, (S, C)).transpose(1, 2).flatten(0, 1)
+
+    def prefix_then_slot(x):  # (B, H, L, D) -> (B*S, H, P + C, D)
+        prefix = x[:, None, :, :P].expand(B, S, H, P, D).flatten(0, 1)
+        return torch.cat([prefix, by_slot(x)], dim=2)
+
+    rows = mask[:, P:].unflatten(1, (S, C))  # (B, S, C, L): the mask rows of slot k's queries
+    own = rows[..., P:].unflatten(-1, (S, C)).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, S, C, C): k x k
+    slot_mask = torch.cat([rows[..., :P], own], dim=-1).flatten(0, 1)[:, None]  # (B*S, 1, C, P + C)
+    out = sdpa(by_slot(query), prefix_then_slot(key), prefix_then_slot(value), attn_mask=slot_mask)  # (B*S, H, C, D)
+    out = out.unflatten(0, (B, S)).transpose(1, 2).flatten(2, 3)  # (B, H, S*C, D)
+    return torch.cat([out_prefix, out], dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)  # 2-D masks: built as for sdpa
+
+
 class RewardModel:
     """A sequence-classification RM with num_labels=1. Each Accelerate rank scores its own samples."""
 
@@ -90,6 +136,8 @@ class RewardModel:
             raise ValueError(f"{type(self.model).__name__}: expected a `score` head (Llama/Qwen/Mistral/Gemma RMs)")
         if share_prefix and self.model.config._attn_implementation != "sdpa":  # eager would add a bool mask as 0/1
             raise ValueError(f"{name_or_path}: share_prefix needs sdpa attention, the RM uses {self.model.config._attn_implementation!r}")
+        if share_prefix:  # sdpa that skips the blocks shared_prefix_mask masks out
+            self.model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.share_prefix = share_prefix
         # Pads sit after the last real token (right padding) and are masked, so their id never matters.
@@ -171,35 +219,38 @@ class RewardModel:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        rows = []  # (token ids, segment ids: 0 prefix / k+1 suffix k, position ids, [(sample, its last column)])
+        rows = []  # (the group's common prefix, [(sample, its tokens after the prefix)])
         for g in groups:
             seqs = [encoded[i] for i in g]
             p = 0  # common prefix, leaving every suffix at least its last token
             while p < min(map(len, seqs)) - 1 and all(s[p] == seqs[0][p] for s in seqs):
                 p += 1
-            ids, seg, pos, ends = seqs[0][:p], [0] * p, list(range(p)), []
-            for k, (i, s) in enumerate(zip(g, seqs)):
-                ids, seg, pos = ids + s[p:], seg + [k + 1] * (len(s) - p), pos + list(range(p, len(s)))
-                ends.append((i, len(ids) - 1))
-            rows.append((ids, seg, pos, ends))
-        rows.sort(key=lambda r: len(r[0]))  # similar lengths, less padding
+            rows.append((seqs[0][:p], [(i, s[p:]) for i, s in zip(g, seqs)]))
+        rows.sort(key=lambda r: (len(r[0]), max(len(s) for _, s in r[1])))  # similar shapes, less padding
         scores = [0.0] * len(encoded)
         start = 0
         while start < len(rows):  # at most batch_size samples per forward (one row may hold more)
-            end, n = start + 1, len(rows[start][3])
-            while end < len(rows) and n + len(rows[end][3]) <= self.batch_size:
-                n, end = n + len(rows[end][3]), end + 1
+            end, n = start + 1, len(rows[start][1])
+            while end < len(rows) and n + len(rows[end][1]) <= self.batch_size:
+                n, end = n + len(rows[end][1]), end + 1
             batch, start = rows[start:end], end
-            L = max(len(r[0]) for r in batch)
-            input_ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long)
-            seg = torch.full((len(batch), L), -1)  # -1 padding
-            pos = torch.zeros(len(batch), L, dtype=torch.long)
-            for b, (ids, sg, ps, _) in enumerate(batch):
-                input_ids[b, : len(ids)], seg[b, : len(ids)], pos[b, : len(ids)] = torch.tensor(ids), torch.tensor(sg), torch.tensor(ps)
-            mask = shared_prefix_mask(seg)  # (B, 1, L, L)
-            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                              position_ids=pos.to(self.device)).last_hidden_state  # fmt: skip
-            where = [(b, col, i) for b, r in enumerate(batch) for i, col in r[3]]
+            # the layout of train_grlo.collate: prefix left-padded to P columns, then S slots of C columns
+            P, S = max(len(r[0]) for r in batch), max(len(r[1]) for r in batch)
+            C = max(len(s) for r in batch for _, s in r[1])
+            input_ids = torch.full((len(batch), P + S * C), self.pad_id, dtype=torch.long)
+            seg = torch.full(input_ids.shape, -1)  # -1 padding, 0 prefix, k + 1 slot k
+            pos = torch.zeros(input_ids.shape, dtype=torch.long)
+            where = []  # (row, column of the sample's last token, sample)
+            for b, (prefix, suffixes) in enumerate(batch):
+                n = len(prefix)
+                input_ids[b, P - n : P], seg[b, P - n : P], pos[b, P - n : P] = torch.tensor(prefix, dtype=torch.long), 0, torch.arange(n)
+                for k, (i, suffix) in enumerate(suffixes):
+                    c = P + k * C
+                    input_ids[b, c : c + len(suffix)], seg[b, c : c + len(suffix)] = torch.tensor(suffix), k + 1
+                    pos[b, c : c + len(suffix)] = torch.arange(n, n + len(suffix))
+                    where.append((b, c + len(suffix) - 1, i))
+            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=shared_prefix_mask(seg).to(self.device),
+                              position_ids=pos.to(self.device), shared_prefix_slots=(S, C)).last_hidden_state  # fmt: skip
             pooled = hidden[[b for b, _, _ in where], [col for _, col, _ in where]]  # (n, H)
             for (_, _, i), value in zip(where, self.model.score(pooled)[:, 0].float().tolist()):
                 scores[i] = value

@@ -282,16 +282,16 @@ def keep_freed_memory() -> bool:
     Every step frees gigabytes of activations and allocates them again. By default glibc gives large blocks
     back to the OS (munmap, heap trim), so the next step writes to fresh pages, and each fresh page costs a
     page fault plus zeroing: 1-4 GiB/s on our VMs, against ~12 GiB/s for memory that is reused. With this
-    setting, blocks under 32 MiB (glibc's largest M_MMAP_THRESHOLD) come from the heap, and the heap is
-    trimmed only when more than 2 GiB at its top is free (the largest M_TRIM_THRESHOLD that fits mallopt's
-    int). Larger blocks, such as the logits, are still mapped fresh. Measured on the cpu-smollm2 preset in
-    README "Speed on CPU". Returns False where the C library has no mallopt (not glibc)."""
+    setting every block comes from the heap (M_MMAP_MAX 0: no block gets a mapping of its own, not even the
+    400 MB logits) and the heap is never trimmed (M_TRIM_THRESHOLD -1), so from about the third step on a
+    step reuses the pages of the last one. The process keeps its peak memory until it exits. Measured on the
+    cpu-smollm2 preset in README "Speed on CPU". Returns False where the C library has no mallopt (not glibc)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # constants from glibc's <malloc.h>
-    return mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # constants from glibc's <malloc.h>
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
 
 
 # ---- rollout ----
@@ -444,7 +444,7 @@ class TokenLogProbs(torch.autograd.Function):
                 g[torch.arange(len(g), device=g.device), targets[s]] += grad_logprobs[s]
             if grad_entropy is not None:
                 g -= grad_entropy[s, None] * p * (logp + entropy[s, None])
-            grad[s] = g / ctx.temperature
+            torch.div(g, ctx.temperature, out=grad[s])  # straight into the slice: no temporary, no copy
         return grad, None, None, None
 
 
@@ -457,7 +457,8 @@ def completion_logprobs(model, batch: dict, temperature: float, chunk_tokens: Op
     launches); on CPU ~1 MB of fp32 logits, which stays in cache for the dozen passes over each row
     (measured 4-5x faster than 1024-row chunks on SmolLM2's 49k vocabulary)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   logits_to_keep=batch["logits_keep"]).logits  # (rows, S*C, V): S completion slots per row
+                   logits_to_keep=batch["logits_keep"], shared_prefix_slots=batch["shared_prefix_slots"]
+                   ).logits  # (rows, S*C, V): S completion slots per row
     C, V = batch["completion_ids"].shape[1], logits.shape[-1]
     logits = logits.reshape(-1, C, V)  # one row per slot
     if logits.shape[0] != len(batch["slot_rows"]):  # a group with fewer than S samples leaves empty slots
@@ -508,8 +509,9 @@ def collate(indices: list, prompt_ids: list, completion_ids: list, pad_id: int, 
     earlier tokens of its own slot only, so each completion gets exactly the logits it would get in a row
     of its own, and the prompt is forwarded (and back-propagated) once per group instead of G times.
     logits_keep lists, slot by slot, the columns whose logits predict the slot's tokens: P-1 (the prompt's
-    last token) for the first one, then the slot's own columns. With S = 1 the mask stays 2-D (padding
-    only) and the model builds its usual causal mask."""
+    last token) for the first one, then the slot's own columns. shared_prefix_slots = (S, C) tells the
+    policy's attention (reward.shared_prefix_attention, set in main) to skip the blocks the mask hides.
+    With S = 1 the mask stays 2-D (padding only) and the model builds its usual causal mask."""
     groups = prompt_groups(indices, prompt_ids, group_size)
     P = max(len(prompt_ids[g[0]]) for g in groups)
     C = max(max(len(completion_ids[i]) for i in indices), 1)
@@ -538,7 +540,7 @@ def collate(indices: list, prompt_ids: list, completion_ids: list, pad_id: int, 
         attn = reward.shared_prefix_mask(seg)  # (rows, 1, L, L)
     batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "logits_keep": keep,
              "slot_rows": torch.tensor(slot_rows), "completion_ids": comp, "completion_mask": cmask}  # fmt: skip
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()} | {"shared_prefix_slots": (S, C) if S > 1 else None}
 
 
 # ---- loss ----
@@ -782,6 +784,8 @@ def main(args: Args):
     if args.share_prompt and model.config._attn_implementation != "sdpa":  # eager would add a bool mask as 0/1
         raise ValueError(f"--share-prompt needs sdpa attention (it passes a 4-D mask); {args.model} uses "
                          f"{model.config._attn_implementation!r}: use --no-share-prompt")  # fmt: skip
+    if args.share_prompt:  # sdpa that skips the attention blocks the eq. 8 mask hides (~3x less attention work)
+        model.set_attn_implementation(reward.SHARED_PREFIX_ATTENTION)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -797,6 +801,7 @@ def main(args: Args):
     ref_model = None
     if args.kl_coef > 0:  # only loaded when used
         ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=rm_dtype).to(accelerator.device).eval()
+        ref_model.set_attn_implementation(model.config._attn_implementation)  # the policy's, as --share-prompt set it
     eos_ids = eos_token_ids(tokenizer, args.model)
     llm = build_vllm(args, accelerator, rm_dtype) if args.use_vllm else None
     sleep = llm is not None and args.vllm_sleep and not cpu

@@ -605,7 +605,38 @@ def test_reward_model_matches_hand_forward_pass(rm):
     assert with_eos == pytest.approx([expected[1]], abs=1e-4)
 
 
-def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm):
+def test_shared_prefix_attention_equals_sdpa_with_the_whole_mask():
+    """The block-wise attention skips only blocks the eq. 8 mask hides: same outputs and gradients as sdpa
+    over the whole (L, L) mask, with GQA, a left-padded prefix, padded and empty slots."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 2, True
+
+    torch.manual_seed(0)
+    P, S, C = 4, 3, 5
+    seg = torch.full((2, P + S * C), -1)
+    seg[0, 1:P], seg[1, :P] = 0, 0  # row 0's prompt is one token shorter (left padding)
+    for k, n in enumerate((5, 2, 3)):
+        seg[0, P + k * C : P + k * C + n] = k + 1
+    for k, n in enumerate((4, 1)):  # row 1: two samples, its third slot stays empty
+        seg[1, P + k * C : P + k * C + n] = k + 1
+    mask = reward.shared_prefix_mask(seg)
+    q = torch.randn(2, 4, P + S * C, 8, requires_grad=True)
+    kv = [torch.randn(2, 2, P + S * C, 8, requires_grad=True) for _ in range(2)]
+    outs, grads = [], []
+    for fn, extra in ((sdpa_attention_forward, {}), (reward.shared_prefix_attention, {"shared_prefix_slots": (S, C)})):
+        out, _ = fn(Attn(), q, *kv, mask, scaling=0.3, **extra)
+        weights = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad((out * weights).sum(), [q, *kv]))
+    assert outs[0].shape == outs[1].shape == (2, P + S * C, 4, 8)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, monkeypatch):
     """share_prefix (train_grlo eq. 8): groups of the same prompt in one row each give the per-sample scores,
     with groups of different sizes, an empty response, a singleton, and a row larger than batch_size."""
     shared = reward.RewardModel(tiny_models["reward"], batch_size=3, share_prefix=True)
@@ -614,8 +645,16 @@ def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm):
     responses = (["First.", "First, heat the pan. " * 5, "Second", ""] + ["hi"]
                  + ["3 apples", "so \\boxed{7}. " * 3, "7", "seven apples"] + ["", "go"] + ["Because.", "Because therefore."])  # fmt: skip
     want = rm.score(prompts, responses)
+    assert shared.model.config._attn_implementation == reward.SHARED_PREFIX_ATTENTION
+    calls = []  # (query length, key length) of every sdpa call in the shared forwards
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2])) or sdpa(q, k, v, **kw))  # fmt: skip
     got = shared.score(prompts, responses)
     assert got == pytest.approx(want, abs=1e-4)
+    # the block-wise path ran: per layer a prefix call (P x P), then a slot call (C x P + C), never (L x L)
+    assert calls and len(calls) % 2 == 0
+    assert all(qp == kp and ks == kp + qs for (qp, kp), (qs, ks) in zip(calls[::2], calls[1::2])), calls[:4]
     assert len(set(round(x, 4) for x in want)) > len(want) - 2  # the scores compared differ from one another
 
 
