@@ -209,10 +209,11 @@ class RewardModel:
 
     def _score_shared(self, backbone, prompts: list, encoded: list) -> list[float]:
         """score() with share_prefix: consecutive samples with the same prompt (a GRPO group) go in one row,
-        their common token prefix once, then each sample's remaining tokens. As in train_grlo's eq. 8, the
-        positions of every suffix continue from the prefix's end and the mask lets a token see the prefix and
-        the earlier tokens of its own suffix only, so each sample is pooled (at its last token) from exactly
-        the hidden state its own row would give, for one forward of the shared prompt per group."""
+        their common token prefix once, then each sample's remaining tokens in a slot of its own (the layout
+        of train_grlo.collate). As in its eq. 8, the positions of every suffix continue from the prefix's end
+        and the mask lets a token see the prefix and the earlier tokens of its own suffix only, so each sample
+        is pooled (at its last token) from exactly the hidden state its own row would give, for one forward of
+        the shared prompt per group; shared_prefix_attention skips the masked blocks."""
         groups = []  # lists of sample indices sharing a prompt
         for i in range(len(encoded)):
             if groups and prompts[i] == prompts[groups[-1][0]]:

@@ -13,8 +13,9 @@ as train_grlo.sync_weights does. It shows what TRL's colocate mode would cost if
 compared on its own line and never counted as "TRL's best mode".
 Two more runs on request isolate our allocator setting (train_grlo.keep_freed_memory, on by default on CPU):
   ours-vllm-glibc  ours with --no-keep-freed-memory (glibc's default malloc behaviour, as TRL runs)
-  trl-hf-kept      trl-hf with the same malloc setting, given through GLIBC_TUNABLES (KEPT_TUNABLES), which
-                   glibc applies exactly as the mallopt calls do; also compared on its own line.
+  trl-hf-kept      trl-hf with the same malloc setting: the TRL worker calls train_grlo.keep_freed_memory()
+                   before it builds anything (GLIBC_TUNABLES did not reproduce mallopt's effect on a 256 MiB
+                   block in our probe, so the worker makes the same calls); also compared on its own line.
 Both sides take every hyperparameter from train_grlo.PRESETS["cpu-smollm2"]: 8 prompts x G=4, 64 new tokens,
 temperature 1, its learning rate, no KL, one optimizer step per generation batch, token-mean loss (TRL "dapo"),
 group std scaling, seed, fp32. Per run: median step time (first step excluded as warm-up), generated tokens/s
@@ -76,8 +77,6 @@ import train_grlo as tg  # noqa: E402
 
 PRESET = "cpu-smollm2"
 RUNS = ("ours-vllm", "ours-hf", "trl-hf", "trl-vllm")  # the default set; the others only on request
-# keep_freed_memory's two mallopt settings as glibc tunables, for a process we do not control (TRL)
-KEPT_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647"
 LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "constant": "dr_grpo"}  # ours -> TRL's name
 
 
@@ -99,6 +98,8 @@ class Args:
     """interval between RSS samples of a run's process tree"""
     trl_worker: Optional[Literal["hf", "vllm", "vllm-patched"]] = None
     """internal: run one TRL mode in this process and write its metrics to --output-json (set by the parent)"""
+    trl_keep_freed_memory: bool = False
+    """internal: the TRL worker calls train_grlo.keep_freed_memory() first (the trl-hf-kept run)"""
 
 
 # ---- settings: one source of truth for both sides ----
@@ -238,6 +239,8 @@ def trl_worker(args: Args, steps: int):
         config = trl_config(p, steps, out, args.trl_worker != "hf", args.trl_grad_accum)
         if args.trl_worker == "vllm-patched":
             patch_trl_weight_sync()
+        if args.trl_keep_freed_memory and not tg.keep_freed_memory():
+            raise RuntimeError("mallopt refused keep_freed_memory's settings")
         dataset = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in prompt_rows(p)])
         trainer = GRPOTrainer(model=p.model, reward_funcs=p.reward_model, args=config, train_dataset=dataset,
                               callbacks=[StepLog(result)])  # fmt: skip
@@ -342,12 +345,11 @@ def run_one(name: str, args: Args, steps: int, p: tg.Args, work: str) -> dict:
         # TRL's colocated engine sizes its KV cache from vllm_gpu_memory_utilization, which on CPU is a share of
         # all RAM minus what the process already holds (gigabytes); this legacy variable pins it to ours.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(p.vllm_cpu_kv_cache_gb))
-        if name == "trl-hf-kept":
-            env["GLIBC_TUNABLES"] = KEPT_TUNABLES
         mode = name.split("-", 1)[1].removesuffix("-kept")
         cmd = [sys.executable, os.path.abspath(__file__), "--trl-worker", mode, "--steps", str(steps),
                "--output-json", os.path.join(work, f"{name}.json"), "--trl-grad-accum", str(args.trl_grad_accum)]  # fmt: skip
         cmd += ["--smoke"] if args.smoke else []
+        cmd += ["--trl-keep-freed-memory"] if name == "trl-hf-kept" else []
     print(f"\n[{name}] {' '.join(cmd)}\n[{name}] log: {log}", flush=True)
     code, wall, peak = watch(cmd, env, log, args.poll_seconds)
     res = {"cmd": cmd, "log": log, "exit_code": code, "wall_s": wall, "peak_rss_gb": peak}
