@@ -801,7 +801,8 @@ def main(args: Args):
     ref_model = None
     if args.kl_coef > 0:  # only loaded when used
         ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=rm_dtype).to(accelerator.device).eval()
-        ref_model.set_attn_implementation(model.config._attn_implementation)  # the policy's, as --share-prompt set it
+        if args.share_prompt:  # the same rows as the policy
+            ref_model.set_attn_implementation(reward.SHARED_PREFIX_ATTENTION)
     eos_ids = eos_token_ids(tokenizer, args.model)
     llm = build_vllm(args, accelerator, rm_dtype) if args.use_vllm else None
     sleep = llm is not None and args.vllm_sleep and not cpu
