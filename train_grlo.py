@@ -283,9 +283,10 @@ def keep_freed_memory() -> bool:
     back to the OS (munmap, heap trim), so the next step writes to fresh pages, and each fresh page costs a
     page fault plus zeroing: 1-4 GiB/s on our VMs, against ~12 GiB/s for memory that is reused. With this
     setting every block comes from the heap (M_MMAP_MAX 0: no block gets a mapping of its own, not even the
-    400 MB logits) and the heap is never trimmed (M_TRIM_THRESHOLD -1), so from about the third step on a
-    step reuses the pages of the last one. The process keeps its peak memory until it exits. Measured on the
-    cpu-smollm2 preset in README "Speed on CPU". Returns False where the C library has no mallopt (not glibc)."""
+    400 MB logits) and the heap is never trimmed (M_TRIM_THRESHOLD -1), so once the heap has grown to a
+    step's peak (a step or two later than that, where small objects left between the big blocks fragment
+    it), a step reuses the pages of the last one. The process keeps its peak memory until it exits.
+    Measured on the cpu-smollm2 preset in README "Speed on CPU". Returns False where the C library has no mallopt (not glibc)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
