@@ -120,6 +120,16 @@ AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
 AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)  # 2-D masks: built as for sdpa
 
 
+def use_shared_prefix_attention(model, name: str) -> None:
+    """Switch a model loaded with sdpa attention to shared_prefix_attention, for eq. 8 rows (the policy and
+    reference in train_grlo/train_rlvr, RewardModel(share_prefix=True)). Other attentions would misread the
+    bool mask (eager adds it as 0/1), so they are refused, naming the model."""
+    if model.config._attn_implementation not in ("sdpa", SHARED_PREFIX_ATTENTION):
+        raise ValueError(f"{name}: the shared prompt (eq. 8) needs sdpa attention, the model uses "
+                         f"{model.config._attn_implementation!r}: use --no-share-prompt")  # fmt: skip
+    model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
+
+
 class RewardModel:
     """A sequence-classification RM with num_labels=1. Each Accelerate rank scores its own samples."""
 
@@ -134,10 +144,8 @@ class RewardModel:
         self.model.to(device).eval()
         if not hasattr(self.model, "score"):
             raise ValueError(f"{type(self.model).__name__}: expected a `score` head (Llama/Qwen/Mistral/Gemma RMs)")
-        if share_prefix and self.model.config._attn_implementation != "sdpa":  # eager would add a bool mask as 0/1
-            raise ValueError(f"{name_or_path}: share_prefix needs sdpa attention, the RM uses {self.model.config._attn_implementation!r}")
-        if share_prefix:  # sdpa that skips the blocks shared_prefix_mask masks out
-            self.model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
+        if share_prefix:
+            use_shared_prefix_attention(self.model, name_or_path)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.share_prefix = share_prefix
         # Pads sit after the last real token (right padding) and are masked, so their id never matters.

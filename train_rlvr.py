@@ -312,7 +312,8 @@ def keep_freed_memory() -> bool:
     400 MB logits) and the heap is never trimmed (M_TRIM_THRESHOLD -1), so once the heap has grown to a
     step's peak (a step or two later than that, where small objects left between the big blocks fragment
     it), a step reuses the pages of the last one. The process keeps its peak memory until it exits.
-    Measured on the cpu-smollm2 preset in README "Speed on CPU". Returns False where the C library has no mallopt (not glibc)."""
+    Measured on the cpu-smollm2 preset in README "Speed on CPU". Returns False where the C library has no
+    mallopt (not glibc)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -850,11 +851,8 @@ def main(args: Args):
 
     # ---- 2. models: policy, optimizer, reward model only if a row asks for it, optional reference, vLLM ----
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    if args.share_prompt and model.config._attn_implementation != "sdpa":  # eager would add a bool mask as 0/1
-        raise ValueError(f"--share-prompt needs sdpa attention (it passes a 4-D mask); {args.model} uses "
-                         f"{model.config._attn_implementation!r}: use --no-share-prompt")  # fmt: skip
     if args.share_prompt:  # sdpa that skips the attention blocks the eq. 8 mask hides (~3x less attention work)
-        model.set_attn_implementation(reward.SHARED_PREFIX_ATTENTION)
+        reward.use_shared_prefix_attention(model, args.model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -873,7 +871,7 @@ def main(args: Args):
     if args.kl_coef > 0:  # only loaded when used
         ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=rm_dtype).to(accelerator.device).eval()
         if args.share_prompt:  # the same rows as the policy
-            ref_model.set_attn_implementation(reward.SHARED_PREFIX_ATTENTION)
+            reward.use_shared_prefix_attention(ref_model, args.model)
     eos_ids = eos_token_ids(tokenizer, args.model)
     llm = build_vllm(args, accelerator, rm_dtype) if args.use_vllm else None
     sleep = llm is not None and args.vllm_sleep and not cpu

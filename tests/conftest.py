@@ -32,6 +32,24 @@ def smollm2_models():
     return local_models.build_smollm2(local_models.DEFAULT_DIR)
 
 
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """(query length, key length) of every torch sdpa call while the test runs: shows which attention
+    path ran (reward.shared_prefix_attention makes a P x P call, then a C x (P + C) one, per layer)."""
+    import torch
+
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2])) or sdpa(q, k, v, **kw))  # fmt: skip
+    return calls
+
+
+def ran_block_wise(calls: list) -> bool:
+    """True if sdpa calls came in (prefix P x P, slots C x (P + C)) pairs, as shared_prefix_attention makes them."""
+    pairs = list(zip(calls[::2], calls[1::2]))
+    return bool(pairs) and len(calls) % 2 == 0 and all(qp == kp and ks == kp + qs for (qp, kp), (qs, ks) in pairs)
+
+
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_models):
     """One in-process vLLM engine on the tiny policy, built by train_grlo.build_vllm exactly as a

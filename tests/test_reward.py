@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ran_block_wise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -636,7 +637,18 @@ def test_shared_prefix_attention_equals_sdpa_with_the_whole_mask():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, monkeypatch):
+def test_shared_prefix_attention_refuses_attention_that_misreads_the_mask(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], attn_implementation="eager")
+    with pytest.raises(ValueError, match=r"tiny-qwen3: the shared prompt \(eq. 8\) needs sdpa attention, the model uses 'eager'"):
+        reward.use_shared_prefix_attention(model, "tiny-qwen3")
+    model.set_attn_implementation("sdpa")
+    reward.use_shared_prefix_attention(model, "tiny-qwen3")
+    assert model.config._attn_implementation == reward.SHARED_PREFIX_ATTENTION
+
+
+def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, sdpa_calls):
     """share_prefix (train_grlo eq. 8): groups of the same prompt in one row each give the per-sample scores,
     with groups of different sizes, an empty response, a singleton, and a row larger than batch_size."""
     shared = reward.RewardModel(tiny_models["reward"], batch_size=3, share_prefix=True)
@@ -646,15 +658,10 @@ def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, monke
                  + ["3 apples", "so \\boxed{7}. " * 3, "7", "seven apples"] + ["", "go"] + ["Because.", "Because therefore."])  # fmt: skip
     want = rm.score(prompts, responses)
     assert shared.model.config._attn_implementation == reward.SHARED_PREFIX_ATTENTION
-    calls = []  # (query length, key length) of every sdpa call in the shared forwards
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2])) or sdpa(q, k, v, **kw))  # fmt: skip
+    sdpa_calls.clear()
     got = shared.score(prompts, responses)
     assert got == pytest.approx(want, abs=1e-4)
-    # the block-wise path ran: per layer a prefix call (P x P), then a slot call (C x P + C), never (L x L)
-    assert calls and len(calls) % 2 == 0
-    assert all(qp == kp and ks == kp + qs for (qp, kp), (qs, ks) in zip(calls[::2], calls[1::2])), calls[:4]
+    assert ran_block_wise(sdpa_calls), sdpa_calls[:4]  # per layer P x P, then C x (P + C), never L x L
     assert len(set(round(x, 4) for x in want)) > len(want) - 2  # the scores compared differ from one another
 
 

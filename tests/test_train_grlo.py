@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import LAUNCH_2, ROOT, kill_when_exists, run_script
+from conftest import LAUNCH_2, ROOT, kill_when_exists, ran_block_wise, run_script
 
 import reward
 import train_grlo as tg
@@ -231,7 +231,7 @@ def test_shared_prompt_row_layout_positions_and_mask():
     ]
 
 
-def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, monkeypatch):
+def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, sdpa_calls):
     """One row per group (eq. 8) against one row per sample: same log-probs, entropies and gradients,
     also for a group cut short by a mini-batch boundary, with fewer tokens forwarded; with sdpa over the
     whole mask and with reward.shared_prefix_attention (what main sets), whose block-wise path must run."""
@@ -243,24 +243,19 @@ def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, monkey
     prompts = [torch.randint(3, V, (n,)).tolist() for n in (5, 9, 7)]
     prompt_ids = [prompts[i // G] for i in range(3 * G)]
     comps = [torch.randint(3, V, (n,)).tolist() for n in (4, 6, 1, 5, 3, 3, 3, 2, 7, 6, 5, 4)]
-    calls = []  # (query length, key length) of every sdpa call
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2])) or sdpa(q, k, v, **kw))  # fmt: skip
     for indices in (list(range(3 * G)), [1, 2, 3, 4, 5, 9, 10]):
         results = []
         for group_size, attention in ((1, "sdpa"), (G, "sdpa"), (G, reward.SHARED_PREFIX_ATTENTION)):
             model.set_attn_implementation(attention)
             model.zero_grad()
-            calls.clear()
+            sdpa_calls.clear()
             b = tg.collate(indices, prompt_ids, comps, pad_id=0, device="cpu", group_size=group_size)
             lp, ent = tg.completion_logprobs(model, b, temperature=0.7)
             m = b["completion_mask"]
             ((lp * m).sum() + (ent * m).sum()).backward()
             grads = torch.cat([p.grad.flatten() for p in model.parameters()])
             results.append(((lp * m).detach(), (ent * m).detach(), grads, b["input_ids"].numel()))
-        # the last forward ran block-wise: per layer a prompt call (P x P), then a slot call (C x P + C)
-        assert all(qp == kp and ks == kp + qs for (qp, kp), (qs, ks) in zip(calls[::2], calls[1::2])), calls[:4]
+        assert ran_block_wise(sdpa_calls), sdpa_calls[:4]  # the last forward: per layer P x P, then C x (P + C)
         (lp1, ent1, g1, n1), *shared = results
         for lpG, entG, gG, nG in shared:
             torch.testing.assert_close(lpG, lp1, atol=1e-5, rtol=0)
