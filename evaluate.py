@@ -563,8 +563,12 @@ def main(args: Args):
     if args.baseline_model and chat:  # its chat answers are generated first and become the baseline
         first = ("model", args.baseline_model)
         runs = [first] + [r for r in runs if r != first] if first in runs else [("baseline", args.baseline_model)] + runs
-    get_rm = functools.cache(lambda: reward.RewardModel(  # loaded once, only if a chat benchmark is scored
-        args.reward_model, device=str(accelerator.device), batch_size=args.rm_batch_size, max_length=args.rm_max_length))
+    # The RM is loaded once, only if a chat benchmark is scored. On GPU it is bf16 (as train_grlo.py scores) and
+    # rests in CPU memory: it moves to the GPU only while it scores, with the vLLM engine asleep.
+    gpu = accelerator.device.type == "cuda"
+    get_rm = functools.cache(lambda: reward.RewardModel(args.reward_model, device="cpu" if gpu else str(accelerator.device),
+                                                        batch_size=args.rm_batch_size, max_length=args.rm_max_length,
+                                                        dtype=torch.bfloat16 if gpu else torch.float32))  # fmt: skip
 
     def baseline_for(name):  # {problem: the baseline's answer with the lowest sample number}
         if args.baseline_model:
@@ -622,7 +626,7 @@ def main(args: Args):
             if args.use_vllm:
                 longest = max(len(p) for n in need for p in prompt_ids[n])
                 engine = tg.build_vllm(tg.Args(model=source, seed=args.seed, max_prompt_length=longest, max_new_tokens=args.max_new_tokens,
-                                               vllm_cpu_kv_cache_gb=args.vllm_cpu_kv_cache_gb, vllm_sleep=False,
+                                               vllm_cpu_kv_cache_gb=args.vllm_cpu_kv_cache_gb, vllm_sleep=gpu,
                                                vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization), accelerator, dtype)  # fmt: skip
             else:
                 engine = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(accelerator.device).eval()
@@ -641,9 +645,15 @@ def main(args: Args):
                     raise ValueError(f"{source}: benchmark {name} has no answers for problems {missing[:10]} (of {len(rows_of[name])})")
             t_gen = time.time() - t0
             # ---- 5. score on rank 0; the per-sample JSONL, then the benchmark's result (written last) ----
+            rm_on_gpu = gpu and specs[name]["scorer"] == "rm"
+            if rm_on_gpu and args.use_vllm and engine is not None:  # vLLM holds its share of the GPU: weights to CPU
+                engine.sleep(level=1)
             if main_proc:
                 t0 = time.time()
-                counts = score_samples(specs[name], rows_of[name], samples, get_rm, baseline_for(name) if name in chat else None)
+                scorer = (lambda: get_rm().to(accelerator.device)) if rm_on_gpu else get_rm
+                counts = score_samples(specs[name], rows_of[name], samples, scorer, baseline_for(name) if name in chat else None)
+                if rm_on_gpu:
+                    get_rm().to("cpu")
                 metrics = benchmark_metrics(specs[name], samples, counts)
                 metrics.update(time_generate_s=round(t_gen, 1), time_score_s=round(time.time() - t0, 1))
                 for s in samples:
@@ -656,6 +666,9 @@ def main(args: Args):
                 log(f"[{tag}] {name}: {headline} | truncated {fmt(metrics['truncation_rate'])} | errors {metrics['errors']} "
                     f"timeouts {metrics['timeouts']} no-answer {metrics['no_answer']} | generate {t_gen:.0f}s score {metrics['time_score_s']:.0f}s")  # fmt: skip
             accelerator.wait_for_everyone()
+            if rm_on_gpu and args.use_vllm and engine is not None:
+                torch.cuda.empty_cache()  # the RM's blocks, so vLLM can map its pool again
+                engine.wake_up()
         if engine is not None and args.use_vllm:  # free this model's engine before the next one starts
             shutdown_vllm(engine, accelerator.num_processes > 1)
         del engine

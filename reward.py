@@ -154,6 +154,12 @@ class RewardModel:
         self.last_num_truncated = 0  # conversations longer than max_length in the last score() call
         self.num_truncated = 0  # ... since construction
 
+    def to(self, device: str) -> "RewardModel":
+        """Move the RM (evaluate.py parks it in CPU memory between scorings on GPU)."""
+        self.model.to(device)
+        self.device = str(device)
+        return self
+
     def _render(self, messages: list[dict], response: str) -> str:
         conversation = list(messages) + [{"role": "assistant", "content": response}]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)

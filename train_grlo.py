@@ -18,7 +18,6 @@ temperature 1.0, token-mean loss, prompt 1024 / response 3072 tokens, 4 PPO mini
     accelerate launch --config_file configs/ddp.yaml train_grlo.py --dataset train.jsonl   # 4 GPUs, paper
 """
 
-import contextlib
 import ctypes
 import dataclasses
 import glob
@@ -43,6 +42,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
 
 import reward
+import systems
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,8 +74,8 @@ class Args:
     """sequence-classification reward model: hub id or local folder"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype: bf16 autocast (fp32 master weights) or fp32; auto = bf16 on GPU, fp32 on CPU"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward to save memory"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward: a 16K-token micro-batch of a 4B model needs ~100 GiB without it"""
     rm_batch_size: int = 8
     """reward-model forward batch size"""
     rm_max_length: int = 4096
@@ -102,12 +102,12 @@ class Args:
     """sampling temperature (also divides the trainer's logits so log-probs match)"""
     top_p: float = 1.0
     """nucleus sampling; 1.0 disables"""
-    vllm_gpu_memory_utilization: float = 0.7
-    """fraction of GPU memory vLLM may take (GPU only)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """fraction of GPU memory vLLM may take (GPU only; checked at start-up, before AdamW state exists: docs/gpu.md)"""
     vllm_cpu_kv_cache_gb: float = 1.0
     """KV-cache GiB per engine on CPU (there gpu_memory_utilization would reserve a fraction of RAM)"""
     vllm_sleep: bool = True
-    """GPU only: free vLLM's weights and KV cache during the update (sleep level 1); ignored on CPU"""
+    """GPU only: free vLLM's weights and KV cache during the update (sleep level 2, trained weights re-pushed)"""
 
     # algorithm
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -154,8 +154,8 @@ class Args:
     """forward each prompt once per group, in the update and the RM: its G completions follow it in one row, masked apart (eq. 8)"""
     keep_freed_memory: bool = True
     """CPU runs: glibc keeps freed memory for reuse instead of returning it to the OS (see keep_freed_memory)"""
-    num_epochs: int = 15
-    """passes over the prompt set; sets the step count when max_steps is 0"""
+    num_epochs: int = 2
+    """passes over the prompt set; sets the step count when max_steps is 0 (2 x G=8 ~ the release's 15 x n=1)"""
     max_steps: int = 0
     """stop after this many steps; 0 = num_epochs over the data"""
 
@@ -175,6 +175,7 @@ PRESETS = {
         reward_model=os.path.join(HERE, "local_models", "tiny-qwen3-rm"), output_dir="runs/cpu-smoke",
         max_prompt_length=128, num_generations=4, prompts_per_step=8, max_new_tokens=24, learning_rate=3e-3,
         num_minibatches=1, max_steps=30, save_every=10, sample_every=10, vllm_cpu_kv_cache_gb=0.25,
+        gradient_checkpointing=False,  # tiny activations; recomputing them only costs time
     ),
     "cpu-smollm2": Args(
         preset="cpu-smollm2", model=os.path.join(HERE, "local_models", "smollm2-135m"),
@@ -183,8 +184,21 @@ PRESETS = {
         num_minibatches=1, max_steps=20, save_every=10, sample_every=5,
         token_budget=4096,  # fp32 activations take ~2 MB per token: 16384 would not fit in 24 GB
         share_prompt=True,  # short completions: the prompt is ~40% of each sample's tokens
+        gradient_checkpointing=False,  # 4096-token micro-batches fit; recomputing would cost ~1/3 more train time
     ),
 }  # fmt: skip
+
+
+def check_args(args: Args, world: int) -> None:
+    """Refuse impossible configurations in seconds, before any weights load, naming the flags to change."""
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by {world} processes")
+    systems.check_context_length(args.model, args.max_prompt_length + args.max_new_tokens,
+                                 f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}")  # fmt: skip
+    row = args.max_prompt_length + args.num_generations * args.max_new_tokens
+    if args.share_prompt and row > args.token_budget:
+        raise ValueError(f"--share-prompt puts a prompt and its {args.num_generations} completions in one row of up to {row} "
+                         f"tokens, over --token-budget {args.token_budget}; drop --share-prompt or raise the budget")  # fmt: skip
 
 
 # ---- data ----
@@ -296,15 +310,44 @@ def keep_freed_memory() -> bool:
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
 
 
+# ---- policy ----
+def build_policy(args: Args, accelerator: Accelerator, max_steps: int):
+    """Policy (fp32 master weights), AdamW and the LR schedule, prepared by Accelerate for the launched backend."""
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.share_prompt:  # sdpa that skips the attention blocks the eq. 8 mask hides (~3x less attention work)
+        reward.use_shared_prefix_attention(model, args.model)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    # fused: one kernel over all tensors (CPU and CUDA); on CPU it is ~4x faster than the foreach default
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    updates_per_step = args.num_minibatches * args.ppo_epochs
+    schedule = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler  # "constant" has no warmup
+    scheduler = get_scheduler(schedule, optimizer, args.warmup_steps * updates_per_step, max_steps * updates_per_step)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    systems.drop_fp32_output_cast(model, accelerator)  # TokenLogProbs upcasts the logits chunk by chunk
+    return model, optimizer, scheduler
+
+
 # ---- rollout ----
 def eos_token_ids(tokenizer, model_path: str) -> list:
-    """Every EOS id of the tokenizer and generation config (Qwen3 has two): stop on any of them."""
+    """Every id that ends a completion: the tokenizer's EOS, generation_config's (Qwen3 has two), and the token
+    the chat template puts right after an assistant turn. A base model's tokenizer and generation config may
+    name only the document end (<|endoftext|>) while its template closes a turn with <|im_end|>: without the
+    last one the model writes invented turns until --max-new-tokens, and the RM scores all of it."""
     ids = {tokenizer.eos_token_id}
     try:
         gen_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
         ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     except OSError:  # no generation_config.json
         pass
+    if tokenizer.chat_template:  # render a dummy turn and read off the first token after the reply
+        marker = "GRLO_TURN_END_PROBE"
+        turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+        after = tokenizer(text[text.rindex(marker) + len(marker) :].lstrip(" "), add_special_tokens=False)["input_ids"]
+        if after and (after[0] in tokenizer.all_special_ids or tokenizer.convert_ids_to_tokens(after[0]) in tokenizer.get_added_vocab()):
+            ids.add(after[0])
     return sorted(i for i in ids if i is not None)
 
 
@@ -349,11 +392,13 @@ def generate_vllm(llm, prompt_ids: list, seeds: list, args: Args, eos_ids: list,
 
 
 @torch.no_grad()
-def generate_hf(model, prompt_ids: list, seed: int, args: Args, eos_ids: list, pad_id: int):
+def generate_hf(model, prompt_ids: list, seed: int, args: Args, eos_ids: list, pad_id: int, synced_gpus: bool = False):
     """HF fallback with vLLM's semantics: same temperature/top-p, no top-k, stop on every EOS id.
 
     HF cannot seed each request, so the step is seeded as a whole; sampler log-probs are the trainer's
-    own (None), which makes the TIS weight exactly 1. Temperature 0 is greedy, as in vLLM."""
+    own (None), which makes the TIS weight exactly 1. Temperature 0 is greedy, as in vLLM. With sharded
+    weights (ZeRO-3, FSDP) every decoding step all-gathers, so `synced_gpus` keeps a rank whose completions
+    all stopped stepping until every rank is done."""
     torch.manual_seed(seed)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=0) if args.temperature > 0 else {}
     gen_cfg = GenerationConfig(
@@ -364,7 +409,8 @@ def generate_hf(model, prompt_ids: list, seed: int, args: Args, eos_ids: list, p
     dev = next(model.parameters()).device
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids], device=dev)  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=dev)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, width:].tolist()
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, synced_gpus=synced_gpus)
+    out = out[:, width:].tolist()
     completions, truncated = [], []
     for row in out:  # cut at the first EOS (kept, so the policy learns to stop) and drop the padding
         stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
@@ -384,7 +430,8 @@ def rollout(llm, model, accelerator, args: Args, prompt_ids_all: list, indices: 
         out = generate_vllm(llm, prompt_ids, seeds, args, eos_ids, accelerator.is_main_process)
     else:
         seed = request_seed(args.seed, step, accelerator.process_index, 0)
-        out = generate_hf(accelerator.unwrap_model(model), prompt_ids, seed, args, eos_ids, pad_id)
+        synced = systems.forwards_are_collective(accelerator)
+        out = generate_hf(accelerator.unwrap_model(model), prompt_ids, seed, args, eos_ids, pad_id, synced)
     return (prompt_ids, *out)
 
 
@@ -593,6 +640,19 @@ def pad_values(values: list, indices: list, width: int, device) -> torch.Tensor:
     return out
 
 
+def lockstep(micro: list, accelerator) -> list:
+    """Split the largest micro-batches until this rank has as many as the rank with the most. Every rank must
+    run the same number of forwards and backwards: DDP all-reduces gradients on the last one, and under
+    ZeRO-3 and FSDP every forward all-gathers the weights. Unequal counts deadlock."""
+    n = int(accelerator.reduce(torch.tensor(len(micro), device=accelerator.device), "max"))
+    while len(micro) < n:
+        big = max(range(len(micro)), key=lambda k: len(micro[k]))
+        if len(micro[big]) < 2:
+            raise RuntimeError(f"cannot split {len(micro)} micro-batches into {n}: ranks hold unequal sample counts")
+        micro[big : big + 1] = [micro[big][: len(micro[big]) // 2], micro[big][len(micro[big]) // 2 :]]
+    return micro
+
+
 def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, prompt_ids, completion_ids,
                    sampler_logprobs, advantages, loss_mask_seq, pad_id):  # fmt: skip
     """Eq. 2-6 over one rollout batch: `num_minibatches` optimizer steps, `ppo_epochs` times.
@@ -611,7 +671,7 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
     if args.num_minibatches * args.ppo_epochs > 1 or ref_model is not None:
         old_lp, ref_lp = [None] * n, [None] * n
         with torch.no_grad():
-            for mb in make_microbatches(prompt_ids, completion_ids, args.token_budget, group):
+            for mb in lockstep(make_microbatches(prompt_ids, completion_ids, args.token_budget, group), accelerator):
                 b = collate(mb, prompt_ids, completion_ids, pad_id, device, group)
                 with accelerator.autocast():
                     lp = completion_logprobs(model, b, args.temperature)[0]
@@ -627,18 +687,15 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
             counts = torch.tensor([len(mb), sum(len(completion_ids[i]) for i in mb)], dtype=torch.float32, device=device)
             num_seqs, num_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
             micro = [[mb[j] for j in m] for m in make_microbatches([prompt_ids[i] for i in mb], [completion_ids[i] for i in mb], args.token_budget, group)]
-            # equal micro-batch counts on every rank keep DDP's gradient all-reduces in lockstep
-            n_micro = int(accelerator.reduce(torch.tensor(len(micro), device=device), "max"))
-            while len(micro) < n_micro:
-                big = max(range(len(micro)), key=lambda k: len(micro[k]))
-                micro[big : big + 1] = [micro[big][: len(micro[big]) // 2], micro[big][len(micro[big]) // 2 :]]
+            micro = lockstep(micro, accelerator)
+            n_micro = len(micro)
             for k, m in enumerate(micro):
                 b = collate(m, prompt_ids, completion_ids, pad_id, device, group)
                 C = b["completion_ids"].shape[1]
                 # Gradients sync (DDP) and DeepSpeed steps its engine only on the last micro-batch; Accelerate
                 # reads the boundary from sync_gradients, which its own accumulate() sets the same way.
                 accelerator.gradient_state._set_sync_gradients(k == n_micro - 1)
-                with accelerator.no_sync(model) if k < n_micro - 1 else contextlib.nullcontext():
+                with systems.no_sync(model, accelerator, last=k == n_micro - 1):
                     with accelerator.autocast():
                         logprobs, entropy = completion_logprobs(model, b, args.temperature)  # (b, C)
                     old = pad_values(old_lp, m, C, device) if old_lp is not None else logprobs.detach()
@@ -669,34 +726,6 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
             bar.update()
     bar.close()
     return sums, grad_norms
-
-
-# ---- weight sync ----
-def full_state_dict(model, accelerator: Accelerator):
-    """Yield (name, full tensor) on EVERY rank, whatever the sharding; tied lm_head included.
-
-    DDP: plain state_dict. FSDP2: DTensor.full_tensor() all-gathers each parameter. DeepSpeed ZeRO-3:
-    GatheredParameters one parameter at a time (the peers' recipe; untested here, no DeepSpeed on CPU)."""
-    unwrapped = accelerator.unwrap_model(model)
-    if getattr(accelerator.state, "deepspeed_plugin", None) and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
-
-        for name, param in unwrapped.named_parameters(remove_duplicate=False):  # keeps the tied lm_head
-            with deepspeed.zero.GatheredParameters([param]):
-                yield name, param.data
-        return
-    for name, tensor in unwrapped.state_dict().items():  # state_dict, NOT named_parameters: tied lm_head
-        yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def sync_weights(llm, model, accelerator: Accelerator):
-    """Reload the trained weights into vLLM in place, then drop KV blocks cached under the old weights.
-
-    `model_runner.reload_weights` is vLLM 0.32's in-place reload; `model.load_weights` fails on the CPU
-    build because the weights were post-processed at load time."""
-    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-    runner.reload_weights(weights_iterator=full_state_dict(model, accelerator))
-    llm.reset_prefix_cache()
 
 
 # ---- checkpoint ----
@@ -750,10 +779,9 @@ def main(args: Args):
     cpu = not torch.cuda.is_available()
     malloc_kept = cpu and args.keep_freed_memory and keep_freed_memory()  # before the big allocations
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and not cpu)
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=cpu)
+    accelerator = systems.make_accelerator(use_bf16, args.max_grad_norm)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if args.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by {world} processes")
+    check_args(args, world)
     set_seed(args.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     if cpu and args.keep_freed_memory and not malloc_kept:
@@ -782,29 +810,22 @@ def main(args: Args):
     log(f"data: {len(rows)} prompts ({n_dropped} dropped as longer than {args.max_prompt_length} tokens), {max_steps} steps")
 
     # ---- 2. models: policy, optimizer, reward model, optional reference, vLLM engine ----
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    if args.share_prompt:  # sdpa that skips the attention blocks the eq. 8 mask hides (~3x less attention work)
-        reward.use_shared_prefix_attention(model, args.model)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    # fused: one kernel over all tensors (CPU and CUDA); on CPU it is ~4x faster than the foreach default
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
-    num_updates = max_steps * args.num_minibatches * args.ppo_epochs
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, args.warmup_steps * args.num_minibatches * args.ppo_epochs, num_updates)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = build_policy(args, accelerator, max_steps)
     rm_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    reward_model = reward.RewardModel(args.reward_model, device=str(accelerator.device), dtype=rm_dtype,
-                                      batch_size=args.rm_batch_size, max_length=args.rm_max_length,
-                                      share_prefix=args.share_prompt)  # fmt: skip
-    ref_model = None
-    if args.kl_coef > 0:  # only loaded when used
-        ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=rm_dtype).to(accelerator.device).eval()
-        if args.share_prompt:  # the same rows as the policy
-            reward.use_shared_prefix_attention(ref_model, args.model)
+    with systems.replicated_loading():  # frozen models: whole on every rank, under ZeRO-3 and FSDP too
+        reward_model = reward.RewardModel(args.reward_model, device=str(accelerator.device), dtype=rm_dtype,
+                                          batch_size=args.rm_batch_size, max_length=args.rm_max_length,
+                                          share_prefix=args.share_prompt)  # fmt: skip
+        ref_model = None
+        if args.kl_coef > 0:  # only loaded when used
+            ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=rm_dtype).to(accelerator.device).eval()
+            if args.share_prompt:  # the same rows as the policy
+                reward.use_shared_prefix_attention(ref_model, args.model)
     eos_ids = eos_token_ids(tokenizer, args.model)
     llm = build_vllm(args, accelerator, rm_dtype) if args.use_vllm else None
     sleep = llm is not None and args.vllm_sleep and not cpu
+    log(f"backend: {systems.backend(accelerator)}, {world} process(es), {'bf16' if use_bf16 else 'fp32'}, "
+        f"grad clip {systems.clip_norm(model, accelerator, args.max_grad_norm)}, stop ids {eos_ids}")
 
     # ---- 3. resume: model/optimizer/scheduler/RNG from the newest checkpoint; data order from its step ----
     start_step = 0
@@ -821,7 +842,7 @@ def main(args: Args):
                 f.writelines(kept)
         log(f"resumed from {ckpt} at step {start_step}")
     if llm is not None and start_step > 0:
-        sync_weights(llm, model, accelerator)
+        systems.sync_weights(llm, model, accelerator)
     rollout_file = open(rollouts_path, "a") if accelerator.is_main_process else None
 
     B_local, G = args.prompts_per_step // world, args.num_generations
@@ -838,8 +859,8 @@ def main(args: Args):
             llm, model, accelerator, args, prompt_ids_all, indices, step, eos_ids, pad_id
         )
         t_rollout = time.time() - t0
-        if sleep:  # free GPU memory for the update; weights are re-pushed after wake_up (never stale)
-            llm.sleep(level=1)
+        if sleep:  # free GPU memory for the update; the trained weights are pushed at wake-up (never stale)
+            systems.vllm_sleep(llm)
 
         # ---- 5. rewards (reward.compute_rewards routes by reward_model.style) ----
         t0 = time.time()
@@ -863,20 +884,23 @@ def main(args: Args):
         try:
             sums, grad_norms = train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, prompt_ids,
                                               completion_ids, sampler_logprobs, advantages, loss_mask_seq, pad_id)  # fmt: skip
-        except FloatingPointError as e:  # raised before optimizer.step(): the weights and checkpoints are intact
+        except FloatingPointError as e:  # raised before optimizer.step(), except under DeepSpeed (it steps in backward)
             last = (list_checkpoints(args.output_dir) or ["(none)"])[-1]
+            applied = ("DeepSpeed's engine already applied this update inside backward, so the weights in memory are "
+                       "not to be trusted; nothing was saved" if systems.steps_inside_backward(accelerator)
+                       else "this update was not applied and nothing was saved")  # fmt: skip
             raise FloatingPointError(
-                f"step {step + 1}: {e} (rewards/mean {all_rewards.mean():.4g}); this update was not applied and nothing "
-                f"was saved. The last good checkpoint is {last}. Check the rewards, lower --learning-rate or use fp32."
+                f"step {step + 1}: {e} (rewards/mean {all_rewards.mean():.4g}); {applied}. The last good checkpoint is "
+                f"{last}. Check the rewards, lower --learning-rate or use fp32."
             ) from None
         t_train = time.time() - t0
 
         # ---- 8. weight sync into vLLM ----
         t0 = time.time()
-        if llm is not None:
-            if sleep:
-                llm.wake_up()
-            sync_weights(llm, model, accelerator)
+        if sleep:
+            systems.vllm_wake_and_sync(llm, model, accelerator)
+        elif llm is not None:
+            systems.sync_weights(llm, model, accelerator)
         t_sync = time.time() - t0
 
         # ---- 9. logging: one console line, TensorBoard, rollouts.jsonl ----
@@ -884,6 +908,8 @@ def main(args: Args):
         tok = sums["tokens"].clamp(min=1)
         g_len, g_trunc = accelerator.gather(lengths.float()), accelerator.gather(is_truncated)
         frac_zero_std = (all_rewards.view(-1, G).std(dim=1) < 1e-6).float().mean()
+        stops = accelerator.reduce(torch.tensor([sum(c[-1:] == [e] for c in completion_ids) for e in eos_ids],
+                                                dtype=torch.float32, device=accelerator.device), "sum")  # fmt: skip
         step_time = time.time() - t_step
         metrics = {
             "charts/learning_rate": scheduler.get_last_lr()[0],
@@ -894,6 +920,7 @@ def main(args: Args):
             "rewards/frac_zero_std": float(frac_zero_std),
             "completions/mean_length": float(g_len.mean()),
             "completions/clipped_ratio": float(g_trunc.mean()),
+            **{f"completions/stop_{tokenizer.convert_ids_to_tokens(e)}": float(n) / len(g_len) for e, n in zip(eos_ids, stops)},
             "losses/policy_loss": float(sums["loss"]) / max(len(grad_norms), 1),
             "losses/entropy": float(sums["entropy"] / tok),
             "losses/grad_norm": sum(grad_norms) / len(grad_norms),

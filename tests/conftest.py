@@ -68,7 +68,17 @@ def tiny_llm(tiny_models):
 def run_script(args: list, timeout: int = 600, env: dict = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command from the repo root; on failure show its output's tail, which pytest would hide."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # own process group: a timeout (a deadlocked 2-rank run) kills the launcher AND its ranks
+    popen = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        stdout, stderr = popen.communicate()
+        raise AssertionError(f"{' '.join(args)} still running after {timeout} s (killed)\n--- stdout\n{stdout[-4000:]}"
+                             f"\n--- stderr\n{stderr[-6000:]}") from None  # fmt: skip
+    proc = subprocess.CompletedProcess(args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc

@@ -20,8 +20,9 @@ def functions(path):
     funcs, marks = {}, []
     for node in ast.parse(src).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            funcs[node.name] = "\n".join(lines[node.lineno - 1 : node.end_lineno])
-            above = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])  # the marker sits above decorators
+            funcs[node.name] = "\n".join(lines[first - 1 : node.end_lineno])
+            above = lines[first - 2].strip() if first >= 2 else ""
             m = MARKER.match(above)
             if m:
                 marks.append((m.group(1), node.name, node.lineno))
@@ -59,7 +60,26 @@ def test_readme_diff_is_current():
     assert shown == readme_diff(), "README's diff block is stale: run `python tests/test_copies.py` to rewrite it"
 
 
-if __name__ == "__main__":  # rewrite the README's diff block after changing either script
+def fix_copies(script: str) -> list:
+    """Rewrite every marked copy in `script` from its source in train_grlo.py; returns the names rewritten."""
+    path = os.path.join(ROOT, script)
+    source, _ = functions(os.path.join(ROOT, "train_grlo.py"))
+    copies, marks = functions(path)
+    text, fixed = open(path).read(), []
+    for marked, name, _ in marks:
+        if marked == name and name in source and copies[name] != source[name]:
+            text = text.replace(copies[name], source[name], 1)
+            fixed.append(name)
+    open(path, "w").write(text)
+    return fixed
+
+
+if __name__ == "__main__":  # `--fix`: rewrite marked copies from train_grlo.py; always: rewrite the README's diff
+    import sys
+
+    if "--fix" in sys.argv:
+        for script in ("train_rlvr.py", "evaluate.py"):
+            print(script, "rewrote:", ", ".join(fix_copies(script)) or "nothing")
     path = os.path.join(ROOT, "README.md")
     readme = open(path).read()
     start = readme.index("```diff\n") + len("```diff\n")
