@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal, Optional
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the engine in this process (one per rank)
 import numpy as np
 import torch
 import tyro
@@ -47,6 +47,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import reward
+import systems
 import train_grlo as tg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -623,8 +624,10 @@ def main(args: Args):
         engine, eos_ids = None, None
         if need:
             eos_ids = tg.eos_token_ids(tokenizer, source)
+            longest = max(len(p) for n in need for p in prompt_ids[n])
+            systems.check_context_length(source, longest + args.max_new_tokens,
+                                         f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens}")  # fmt: skip
             if args.use_vllm:
-                longest = max(len(p) for n in need for p in prompt_ids[n])
                 engine = tg.build_vllm(tg.Args(model=source, seed=args.seed, max_prompt_length=longest, max_new_tokens=args.max_new_tokens,
                                                vllm_cpu_kv_cache_gb=args.vllm_cpu_kv_cache_gb, vllm_sleep=gpu,
                                                vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization), accelerator, dtype)  # fmt: skip

@@ -29,8 +29,9 @@ def make_accelerator(use_bf16: bool, max_grad_norm: float) -> Accelerator:
     - step_scheduler_with_optimizer=False: accelerate's AcceleratedScheduler otherwise steps the LR schedule
       `num_processes` times per call (it assumes the dataloader's batch grew with the process count).
     - DeepSpeed: `prepare` without a dataloader needs an integer train_micro_batch_size_per_gpu (we feed our
-      own micro-batches; the value only feeds DeepSpeed's throughput log), and DeepSpeed clips inside its own
-      engine step with its config's gradient_clipping, which accelerate fills with 1.0 unless we set it.
+      own micro-batches; the value only feeds DeepSpeed's throughput log), DeepSpeed clips inside its own
+      engine step with its config's gradient_clipping, which accelerate fills with 1.0 unless we set it, and
+      with bf16 its gradient reductions run in fp32 (communication_data_type).
     - FSDP2: gradients are reduced in fp32, as verl does (`reduce_dtype` in verl/workers/fsdp_workers.py);
       accelerate's bf16 policy would reduce them in bf16.
     - CPU: with `cpu=True` accelerate silently drops a DeepSpeed plugin and wraps the model in DDP, so a
@@ -58,6 +59,8 @@ def make_accelerator(use_bf16: bool, max_grad_norm: float) -> Accelerator:
     if plugin is not None:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+        if use_bf16:  # reduce gradients in fp32, as the FSDP2 policy below does (DeepSpeed would use bf16)
+            plugin.deepspeed_config["communication_data_type"] = "fp32"
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)
     if fsdp is not None and use_bf16:
         from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the engine in this process (weight sync reaches it)
 import numpy as np
 import torch
 import tyro
@@ -431,7 +431,8 @@ def rollout(llm, model, accelerator, args: Args, prompt_ids_all: list, indices: 
     else:
         seed = request_seed(args.seed, step, accelerator.process_index, 0)
         synced = systems.forwards_are_collective(accelerator)
-        out = generate_hf(accelerator.unwrap_model(model), prompt_ids, seed, args, eos_ids, pad_id, synced)
+        with accelerator.autocast():  # bf16 on GPU, as the update computes
+            out = generate_hf(accelerator.unwrap_model(model), prompt_ids, seed, args, eos_ids, pad_id, synced)
     return (prompt_ids, *out)
 
 

@@ -1,5 +1,5 @@
 """Run under `torchrun --nproc_per_node 2`: FSDP2-shard the tiny policy, perturb it, push it into each
-rank's own vLLM engine with train_grlo.sync_weights, and check vLLM's log-probs match the trainer's.
+rank's own vLLM engine with systems.sync_weights, and check vLLM's log-probs match the trainer's.
 
 Exercises the DTensor branch of `full_state_dict` (each rank all-gathers every parameter), which DDP
 tests cannot reach. Exits non-zero on any mismatch."""
@@ -13,11 +13,12 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import systems  # noqa: E402
 import train_grlo as tg  # noqa: E402
 
 
 class _Unsharded:  # what full_state_dict needs from an Accelerator: no DeepSpeed, identity unwrap
-    state = None
+    state, distributed_type, num_processes = None, "NO", 2
 
     @staticmethod
     def unwrap_model(m):
@@ -47,11 +48,11 @@ def main(policy: str):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     assert any(hasattr(p, "full_tensor") for p in model.parameters()), "parameters are not DTensors"
-    gathered = dict(tg.full_state_dict(model, _Unsharded()))
+    gathered = dict(systems.full_state_dict(model, _Unsharded()))
     want = reference.state_dict()
     assert gathered.keys() == want.keys(), set(gathered) ^ set(want)
     assert all(torch.equal(gathered[k], want[k]) for k in want), "gathered weights differ"
-    tg.sync_weights(llm, model, _Unsharded())
+    systems.sync_weights(llm, model, _Unsharded())
     args = tg.Args(max_new_tokens=12, temperature=1.0)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     ids, lps, _ = tg.generate_vllm(llm, prompts, [rank, rank + 7], args, eos_ids=[], show_progress=False)

@@ -176,3 +176,21 @@ def test_importing_systems_has_no_side_effects():
     # importing systems imports neither deepspeed nor vLLM
     code = f"import sys; sys.path.insert(0, {ROOT!r}); import systems; print(sorted(m for m in ('deepspeed', 'vllm') if m in sys.modules))"
     assert run_script([PY, "-c", code]).stdout.strip().endswith("[]")
+
+
+def test_warmup_applies_to_the_default_constant_schedule(tiny_models):
+    """`get_scheduler("constant")` ignores warmup; build_policy uses constant_with_warmup for --lr-scheduler constant."""
+    code = f"""
+import sys; sys.path.insert(0, {ROOT!r})
+import systems, train_grlo as tg
+args = tg.Args(model={tiny_models["policy"]!r}, gradient_checkpointing=False, learning_rate=1e-3, warmup_steps=2,
+               num_minibatches=1, lr_scheduler="constant")
+_, optimizer, scheduler = tg.build_policy(args, systems.make_accelerator(False, 1.0), max_steps=5)
+lrs = []
+for _ in range(4):
+    lrs.append(scheduler.get_last_lr()[0])
+    optimizer.step()
+    scheduler.step()
+print("LRS", lrs)
+"""
+    assert "LRS [0.0, 0.0005, 0.001, 0.001]" in run_script([PY, "-c", code]).stdout

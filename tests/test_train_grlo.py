@@ -10,6 +10,7 @@ import torch
 from conftest import LAUNCH_2, ROOT, kill_when_exists, ran_block_wise, run_script
 
 import reward
+import systems
 import train_grlo as tg
 
 OFFICIAL = os.path.join(os.path.dirname(ROOT), "shared", "data", "grlo_official_sample.jsonl")
@@ -409,7 +410,7 @@ def test_hf_fallback_stops_on_every_eos_id(tiny_models):
 
 
 class _Plain:  # stands in for an Accelerator with one process and no sharding
-    state = None
+    state, distributed_type, num_processes = None, "NO", 1
 
     @staticmethod
     def unwrap_model(m):
@@ -437,7 +438,7 @@ def test_weight_sync_makes_vllm_match_the_trainer(tiny_llm, tiny_models):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     assert _vllm_vs_hf_error(tiny_llm, model) > 1e-2  # stale engine: the check can fail
-    tg.sync_weights(tiny_llm, model, _Plain())
+    systems.sync_weights(tiny_llm, model, _Plain())
     assert _vllm_vs_hf_error(tiny_llm, model) < 1e-4
     # the classic bug: named_parameters() omits the tied lm_head, leaving vLLM neither old nor new
     with torch.no_grad():
@@ -447,7 +448,7 @@ def test_weight_sync_makes_vllm_match_the_trainer(tiny_llm, tiny_models):
     runner.reload_weights(weights_iterator=iter(list(model.named_parameters())))
     tiny_llm.reset_prefix_cache()
     broken = _vllm_vs_hf_error(tiny_llm, model)
-    tg.sync_weights(tiny_llm, model, _Plain())
+    systems.sync_weights(tiny_llm, model, _Plain())
     assert _vllm_vs_hf_error(tiny_llm, model) < 1e-4
     assert broken > 1e-2, f"named_parameters sync unexpectedly matched ({broken})"
 
