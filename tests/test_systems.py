@@ -80,19 +80,30 @@ def test_fsdp_launch_on_cpu_is_refused(tmp_path, tiny_models):
     assert proc.returncode != 0 and "cannot run FSDP on CPU" in proc.stderr
 
 
-@pytest.mark.parametrize("config", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_train_grlo_under_deepspeed(config, tmp_path, tiny_models):
-    """The README's DeepSpeed commands, end to end on 2 CPU ranks: KL (the reference model), vLLM per rank,
-    checkpoints that load as plain HF folders."""
+@pytest.mark.parametrize("config,precision", [("deepspeed_zero2", "bf16"), ("deepspeed_zero3", "fp32")])
+def test_train_grlo_under_deepspeed(config, precision, tmp_path, tiny_models):
+    """The README's DeepSpeed commands, end to end on 2 CPU ranks: KL (the reference model), vLLM per rank in
+    the trainer's dtype, TIS weights at 1 after every sync, checkpoints that load as plain HF folders. ZeRO-2
+    runs in bf16 as on GPUs (DeepSpeed's bf16 engine, fp32 reductions), ZeRO-3 in fp32."""
     out = tmp_path / "run"
-    proc = run_script([*launch(config), "train_grlo.py", *SMOKE, "--max-steps", "2", "--kl-coef", "0.05",
-                       "--max-grad-norm", "0.5", "--output-dir", str(out)], timeout=400)  # fmt: skip
+    launch_cmd = launch(config)
+    if precision == "bf16":
+        launch_cmd = [*launch_cmd[:-1], "bf16"]  # --mixed_precision bf16
+    proc = run_script([*launch_cmd, "train_grlo.py", *SMOKE, "--max-steps", "2", "--kl-coef", "0.05", "--dtype",
+                       {"bf16": "bfloat16", "fp32": "float32"}[precision], "--max-grad-norm", "0.5",
+                       "--output-dir", str(out)], timeout=400)  # fmt: skip
     stage = config.replace("deepspeed_", "deepspeed-")
-    assert f"backend: {stage}, 2 process(es), fp32, grad clip 0.5" in proc.stdout
+    assert f"backend: {stage}, 2 process(es), {precision}, grad clip 0.5" in proc.stdout
     assert proc.stdout.count("step ") == 2 and "reward trend" in proc.stdout
     from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
+    events = EventAccumulator(str(out))
+    events.Reload()
+    tis = [e.value for e in events.Scalars("policy/tis_weight_mean")]
+    assert len(tis) == 2 and all(abs(t - 1) < 0.01 for t in tis), tis  # sampler = trainer, also after the sync
+    assert "completions/stop_<|im_end|>" in events.Tags()["scalars"]
     weights = load_file(str(out / "checkpoint-2" / "model.safetensors"))
     assert all(t.numel() > 0 and torch.isfinite(t).all() for t in weights.values())  # gathered, not partitioned
     AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-2"))
