@@ -555,6 +555,8 @@ def main(args: Args):
         name, spec, rows, info = load_benchmark(b, args.limit)
         specs[name], rows_of[name], data_of[name], sampling_of[name] = spec, rows, info, sampling_for(spec, args)
         log(f"benchmark {name}: {len(rows)} problems ({spec['domain']}), sampling {sampling_of[name]}")
+    if main_proc:  # rank 0 scores: a code benchmark needs a working sandbox before any model loads
+        reward.check_sandbox([r for name in specs for r in rows_of[name]])
 
     # ---- 2. what to score: each model's generated answers, or the given answer files ----
     runs = [("responses", path) for path in args.responses] or [("model", m) for m in args.model]

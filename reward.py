@@ -7,60 +7,50 @@ Training and evaluation both import this module, so they score a response the sa
 2. Math (`math_reward`): HuggingFace `math-verify`, `verify(parse(gold), parse(pred))`, gold first. Runs in
    killable worker processes, because some inputs hang sympy in C code that no signal can interrupt.
 3. Code (`code_reward`): extract the last ```python block and run it against the tests in a throw-away
-   sandbox (`run_python`): new network + PID namespaces, an unprivileged uid, rlimits, a hard deadline.
+   sandbox (`sandbox.run_python`): its own read-only filesystem, no network, its own PID namespace, no
+   privileges (a throw-away uid as root; a capability-less user namespace as a normal user), rlimits, a
+   hard deadline. `check_sandbox` stops a run at start-up when the sandbox cannot run its programs.
 4. Routing (`compute_rewards`): per row by `reward_model.style` ("model" or "rule"), then by `ability`.
    This is our reading of the official release's "style_mix" reward manager, whose code is not public.
 
-Known limits of the sandbox: no cgroups (memory is bounded per process, so MAX_PROCS * memory_mb per run);
-a program may leave files (each < MAX_FILE_BYTES) in world-writable dirs such as /tmp and /dev/shm; the
-in-process test harness trusts that a program does not walk the interpreter's frames to find the nonce.
+Known limits of the sandbox: see sandbox.py. The in-process test harness trusts that a program does not
+walk the interpreter's frames to find the nonce.
 
     .venv/bin/pytest tests/test_reward.py -q    # unit + sandbox-attack tests
     .venv/bin/python bench/bench_reward.py      # samples/s, serial vs parallel
 """
 
 import base64
-import contextlib
 import functools
 import inspect
 import io
 import json
 import logging
-import math
 import os
 import pickle
 import random
 import re
-import resource
 import select
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
-import time
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+import sandbox
+from sandbox import run_python
+
 logger = logging.getLogger(__name__)
 
 MATH_TIMEOUT_S = 5.0  # hard wall-clock bound per math_reward call (parse + verify), enforced by SIGKILL
 CODE_TIMEOUT_S = 10.0  # wall-clock bound per sandboxed process in compute_rewards
-OUTPUT_CAP_BYTES = 4 << 20  # per stream; a program that prints more is killed (ok=False, output_truncated)
-MAX_FILE_BYTES = 64 << 20  # RLIMIT_FSIZE: the largest file a sandboxed program may write
-MAX_PROCS = 16  # RLIMIT_NPROC (threads count too); worst-case memory of one run is MAX_PROCS * memory_mb
-# Each run gets its own random uid from this range: RLIMIT_NPROC counts per uid, so a fork storm in one
-# sandbox cannot starve concurrent ones, and "kill every process of this uid" hits exactly one run.
-SANDBOX_UID_BASE, SANDBOX_UID_SPAN = 3_000_000_000, 1 << 24
 EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
 
@@ -426,164 +416,12 @@ def math_reward(response: str, ground_truth: str, *, timeout_s: float = MATH_TIM
     return _math_score(response, ground_truth, timeout_s)[0]
 
 
-# ---- 3. the code sandbox ----
-@dataclass
-class ExecResult:
-    ok: bool  # exit 0 within time and output limits
-    timed_out: bool
-    returncode: int  # <0: killed by that signal; under unshare a SIGKILLed program shows as 1 (unshare's own exit)
-    stdout: str  # at most OUTPUT_CAP_BYTES
-    stderr: str  # at most OUTPUT_CAP_BYTES
-    duration_s: float = 0.0
-    output_truncated: bool = False  # the program printed more than the cap and was killed
-
-
-_sandbox: dict | None = None
-_sandbox_lock = threading.Lock()
-
-
-def _setpriv_cmd(setpriv: str, uid: int) -> list[str]:
-    # No supplementary groups, no capabilities, no setuid-binary escalation; SIGKILL if unshare dies.
-    return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-            "--bounding-set=-all", "--pdeathsig=SIGKILL", "--"]
-
-
-def sandbox_caps() -> dict:
-    """Probe once which isolation layers work here: {"unshare": argv prefix | None, "setpriv": path | None}."""
-    global _sandbox
-    with _sandbox_lock:
-        if _sandbox is not None:
-            return _sandbox
-
-        def works(prefix):
-            try:
-                return subprocess.run(prefix + [shutil.which("true") or "/bin/true"], capture_output=True,
-                                      timeout=30).returncode == 0
-            except (OSError, subprocess.SubprocessError):
-                return False
-
-        caps = {"unshare": None, "setpriv": None}
-        unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
-        ns_flags = ["--net", "--pid", "--fork", "--mount-proc", "--kill-child"]
-        # As root the namespaces need no user namespace; as a normal user try one (maps us to "root").
-        for flags in (ns_flags, ["--user", "--map-root-user", *ns_flags]):
-            if unshare and works([unshare, *flags, "--"]):
-                caps["unshare"] = [unshare, *flags, "--"]
-                break
-        if setpriv and os.geteuid() == 0 and works(_setpriv_cmd(setpriv, SANDBOX_UID_BASE)):
-            caps["setpriv"] = setpriv
-        if not (caps["unshare"] and caps["setpriv"]):
-            logger.warning("code sandbox degraded:%s%s", "" if caps["unshare"] else " no `unshare` namespaces "
-                           "(programs reach the network, see host processes; daemons may outlive a run);",
-                           "" if caps["setpriv"] else " no throw-away uid (needs root + setpriv): programs "
-                           "run with our uid and file permissions")
-        _sandbox = caps
-        return caps
-
-
-def _limit_resources(cpu_s: int, memory_bytes: int) -> None:
-    """preexec_fn, in the forked child before exec: setrlimit only (no imports, no locks: we may be threaded).
-    unshare/setpriv run as root and ignore RLIMIT_NPROC; it binds once setpriv has switched uid."""
-    for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_s),
-                         (resource.RLIMIT_NPROC, MAX_PROCS), (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),
-                         (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(limit, (value, value))
-
-
-def _kill_sandbox(proc: subprocess.Popen, uid: int | None) -> None:
-    """SIGKILL everything the run started. Call before reaping `proc`, so its pgid cannot be reused."""
-    if uid is not None:
-        # kill(-1) as the run's own uid reaches every process of that uid anywhere (setsid escapees,
-        # double-forked daemons) and nothing else. With namespaces it kills the namespace's init, so the
-        # kernel kills and reaps the rest before unshare (our `proc`) can exit: once reaped, all are gone.
-        subprocess.run(_setpriv_cmd(sandbox_caps()["setpriv"], uid) + ["/bin/sh", "-c", "kill -9 -1"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return
-    with contextlib.suppress(ProcessLookupError):  # degraded: our session (setsid escapes it)
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _feed_stdin(pipe, data: bytes) -> None:
-    """In a thread, so a large stdin can never deadlock against the output we read."""
-    with contextlib.suppress(OSError), pipe:  # the program may exit without reading it all
-        pipe.write(data)
-
-
-def run_python(code: str, *, stdin: str = "", timeout_s: float = 10.0, memory_mb: int = 1024) -> ExecResult:
-    """Run untrusted `code` with `python -I` in a fresh sandbox; return within ~timeout_s, leave nothing behind.
-
-    Layers: fresh temp dir as cwd (the only writable place for the program's uid), scrubbed env, new
-    session, rlimits (address space, CPU s, processes, file size, no core), capped output, a wall-clock
-    deadline with SIGKILL to everything; plus, where available, new network + PID namespaces (`unshare`)
-    and a throw-away unprivileged uid without capabilities (`setpriv`)."""
-    caps = sandbox_caps()
-    uid = SANDBOX_UID_BASE + random.randrange(SANDBOX_UID_SPAN) if caps["setpriv"] else None
-    workdir = tempfile.mkdtemp(prefix="grlo_sandbox_")
-    start = time.monotonic()
-    deadline = start + timeout_s
-    proc = feeder = None
-    killed = False
-    try:
-        with open(os.path.join(workdir, "main.py"), "w") as f:
-            f.write(code)
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        cmd = list(caps["unshare"] or []) + (_setpriv_cmd(caps["setpriv"], uid) if uid is not None else [])
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = subprocess.Popen(
-            cmd + [sys.executable, "-I", "main.py"], cwd=workdir, env=env, start_new_session=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=functools.partial(_limit_resources, math.ceil(timeout_s) + 1, memory_mb << 20),
-        )
-        feeder = threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin.encode()), daemon=True)
-        feeder.start()
-        buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-        open_fds, exited, timed_out, truncated = set(buffers), False, False, False
-        poller = select.poll()
-        for fd in buffers:
-            poller.register(fd, select.POLLIN)
-        while not truncated:
-            # WNOWAIT: see the exit without reaping, so the pid (= our pgid) stays ours until the kill below.
-            if not exited and os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                exited = killed = True
-                if not caps["unshare"]:  # (a namespace died with its init) leftovers holding our pipes die now
-                    _kill_sandbox(proc, uid)
-            if exited and not open_fds:
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = not exited
-                break
-            if not open_fds:  # the program closed stdout/stderr but still runs
-                time.sleep(min(remaining, 0.05))
-                continue
-            for fd, _ in poller.poll(min(remaining, 0.05) * 1000):
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    open_fds.discard(fd)
-                    poller.unregister(fd)
-                room = OUTPUT_CAP_BYTES - len(buffers[fd])
-                buffers[fd] += chunk[:room]
-                truncated |= len(chunk) > room  # an output flood: stop reading, kill below
-    finally:
-        if proc is not None:
-            if not killed:  # deadline, output flood, or an exception here: nothing may outlive the call
-                _kill_sandbox(proc, uid)
-            for pipe in (proc.stdout, proc.stderr):  # unblocks unshare if it writes into a full pipe
-                pipe.close()
-            try:
-                returncode = proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # cannot happen unless unshare itself hangs
-                os.killpg(proc.pid, signal.SIGKILL)
-                returncode = proc.wait()
-        if feeder is not None:
-            feeder.join(timeout=1.0)
-        shutil.rmtree(workdir, ignore_errors=True)
-    out, err = (bytes(buf).decode("utf-8", "replace") for buf in buffers.values())
-    return ExecResult(ok=returncode == 0 and not timed_out and not truncated, timed_out=timed_out,
-                      returncode=returncode, stdout=out, stderr=err, duration_s=time.monotonic() - start,
-                      output_truncated=truncated)
+# ---- 3. the code sandbox: sandbox.py (standard library only, so it can be audited alone) ----
+def check_sandbox(rows: list[dict]) -> None:
+    """Start-up check for a run whose rows include code: the sandbox must run a program and import numpy (the
+    MBPP+ harness does), else stop now with the reason, instead of scoring every program 0."""
+    if any(_rule_kind(r) == "code" for r in rows if (r.get("reward_model") or {}).get("style") == "rule"):
+        sandbox.self_check()
 
 
 # ---- 4. code reward: extract the program, run the tests ----

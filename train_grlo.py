@@ -804,6 +804,7 @@ def main(args: Args):
     rows, prompt_ids_all, n_dropped = tokenize_prompts(load_rows(args.dataset, args.dataset_split), tokenizer, args.max_prompt_length)
     if not rows:
         raise ValueError(f"{args.dataset}: no prompt fits --max-prompt-length {args.max_prompt_length}")
+    reward.check_sandbox(rows)  # rows judged by running code: the sandbox must work before anything loads
     steps_per_epoch = math.ceil(len(rows) / args.prompts_per_step)
     max_steps = args.max_steps or args.num_epochs * steps_per_epoch
     if writer is not None:  # --max-prompt-length silently shortens the data otherwise

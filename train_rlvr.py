@@ -872,6 +872,7 @@ def main(args: Args):
     if args.eval_dataset and args.eval_every:
         eval_raw = [to_rlvr_row(obj, where) for where, obj in read_records(args.eval_dataset, "test")]
         eval_rows, eval_ids, _ = tokenize_prompts(eval_raw[: args.eval_limit or None], tokenizer, args.max_prompt_length)
+    reward.check_sandbox(rows + eval_rows)  # rows judged by running code: the sandbox must work before anything loads
     steps_per_epoch = math.ceil(len(rows) / args.prompts_per_step)
     max_steps = args.max_steps or args.num_epochs * steps_per_epoch
     if writer is not None:  # --max-prompt-length silently shortens the data otherwise

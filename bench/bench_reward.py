@@ -20,6 +20,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reward  # noqa: E402
+import sandbox  # noqa: E402
 
 
 @dataclass
@@ -79,9 +80,9 @@ def report(name: str, rewards: list[float], t_serial: float, t_parallel: float, 
 def main(args: Args):
     rng = random.Random(args.seed)
     workers = args.max_workers or None
-    caps = reward.sandbox_caps()
+    caps = sandbox.sandbox_caps()
     print(f"cores={os.cpu_count()} load_avg_1m={os.getloadavg()[0]:.2f} max_workers={workers or 'default'} "
-          f"sandbox: unshare={bool(caps['unshare'])} setpriv={bool(caps['setpriv'])}")
+          f"sandbox: mode={caps['mode']} uid={os.geteuid()}")
     golds, responses = math_samples(args.num_math, rng)
     math_rows = [{"ability": "math", "reward_model": {"style": "rule", "ground_truth": g}} for g in golds]
     reward.compute_rewards(math_rows[:8], responses[:8], max_workers=workers)  # warm-up: spawn math workers

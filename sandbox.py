@@ -1,0 +1,307 @@
+"""The code sandbox: run model-written Python so that it can harm nothing, as root and as an ordinary user.
+
+Model-written code is hostile. `run_python` runs one program in a fresh sandbox and returns within about
+`timeout_s`, leaving nothing behind. Standard library only, so that it can be imported and audited alone.
+
+What a sandboxed program gets (full isolation, the "root" and "user" modes below):
+- a filesystem of its own: a fresh root holding read-only binds of the system directories (/usr, /etc, ...)
+  and of the caller's Python install and venv, wherever they live; writable are only its own fresh working
+  directory (/sandbox, also its HOME) and an empty /tmp. The caller's HOME, the host's /tmp and every other
+  directory are not there at all;
+- no network (an empty network namespace), its own PID namespace (it cannot see or signal host processes);
+- no privileges: as root, a throw-away uid per run with no capabilities; as a normal user, a user namespace
+  whose only uid is the caller's, with every capability dropped, so it cannot remount anything;
+- rlimits (address space, CPU seconds, processes, file size, no core dump), capped output, and SIGKILL to
+  everything at the deadline.
+
+Modes, chosen once by `sandbox_caps` (which runs a probe program through each):
+- "root": the caller is root: mount + network + PID namespaces, then `setpriv` to a throw-away uid;
+- "user": an unprivileged caller: the same namespaces inside a user namespace (`unshare --user`);
+- "uid": root, but no namespaces here: only the throw-away uid (it cannot touch the caller's files, but it
+  reaches the network and sees host processes; a venv it cannot traverse fails `self_check`);
+- "degraded": a normal user without namespaces (no `unshare`, or unprivileged user namespaces disabled):
+  programs run with the caller's uid, files and network. `self_check` says so loudly, naming the risk.
+
+Known limits: no cgroups (memory is bounded per process: MAX_PROCS * memory_mb per run); the system
+directories and the Python install are readable (as they are to any local user); in "user" mode a
+program can create nested namespaces (it gains nothing there: the host filesystem is not in its tree).
+"""
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import random
+import resource
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_CAP_BYTES = 4 << 20  # per stream; a program that prints more is killed (ok=False, output_truncated)
+MAX_FILE_BYTES = 64 << 20  # RLIMIT_FSIZE: the largest file a sandboxed program may write
+MAX_PROCS = 16  # RLIMIT_NPROC (threads count too); worst-case memory of one run is MAX_PROCS * memory_mb
+TMP_SIZE = "256m"  # the sandbox's /tmp and /dev/shm (tmpfs, in memory)
+# Each root-mode run gets its own random uid from this range: RLIMIT_NPROC counts per uid, so a fork storm
+# in one sandbox cannot starve concurrent ones, and "kill every process of this uid" hits exactly one run.
+SANDBOX_UID_BASE, SANDBOX_UID_SPAN = 3_000_000_000, 1 << 24
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+PROGRAM_DIR = "/sandbox"  # inside the sandbox: the program's fresh working directory and HOME
+
+
+@dataclass
+class ExecResult:
+    ok: bool  # exit 0 within time and output limits
+    timed_out: bool
+    returncode: int  # <0: killed by that signal; under unshare a SIGKILLed program shows as 1 (unshare's own exit)
+    stdout: str  # at most OUTPUT_CAP_BYTES
+    stderr: str  # at most OUTPUT_CAP_BYTES
+    duration_s: float = 0.0
+    output_truncated: bool = False  # the program printed more than the cap and was killed
+
+
+# ---- the filesystem the program sees ----
+@functools.cache
+def python_dirs() -> list[str]:
+    """Directories the interpreter needs, as absolute paths: the install, the venv and its site-packages,
+    each also under its real path when a symlink leads there. Nested ones are dropped (their parent's
+    bind shows them). Those under a system directory come with it."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(sys.executable),
+             os.path.dirname(os.path.realpath(sys.executable)), sysconfig.get_paths()["purelib"],
+             sysconfig.get_paths()["platlib"]}  # fmt: skip
+    paths |= {os.path.realpath(p) for p in paths}
+    paths = sorted(p for p in paths if os.path.isdir(p))
+    kept = []
+    for p in paths:  # sorted: a parent comes before its children
+        inside = lambda root: p == root or p.startswith(root.rstrip("/") + "/")  # noqa: E731
+        if inside(PROGRAM_DIR):
+            raise RuntimeError(f"{p}: the Python install lies under {PROGRAM_DIR}, the sandbox's working directory")
+        if not any(inside(k) for k in kept) and not any(inside(s) for s in SYSTEM_DIRS):
+            kept.append(p)
+    return kept
+
+
+def _setup_script(workdir: str, final: list[str], tools: dict) -> str:
+    """Shell run as the namespaces' root: build a fresh root on a tmpfs in `workdir/root`, pivot into it,
+    make it read-only, then exec `final` in PROGRAM_DIR. Every bind is read-only but the program's dir."""
+    q = shlex.quote
+    mount, umount, pivot_root = (q(tools[t]) for t in ("mount", "umount", "pivot_root"))  # sbin may not be on PATH
+    root = os.path.join(workdir, "root")
+    lines = ["set -e", f"{mount} --make-rprivate /", f"{mount} -t tmpfs -o size=16m,mode=755 grlo-root {q(root)}", f"cd {q(root)}"]
+    # the sandbox's own /tmp and /dev/shm first: a venv that lives under /tmp is bound on top of them below
+    lines += [f"mkdir -p tmp dev/shm proc .{PROGRAM_DIR}", f"{mount} -t tmpfs -o size={TMP_SIZE},mode=1777 grlo-tmp tmp",
+              f"{mount} -t tmpfs -o size={TMP_SIZE},mode=1777 grlo-shm dev/shm", f"{mount} -t proc proc proc",
+              f"{mount} --bind {q(os.path.join(workdir, 'work'))} .{PROGRAM_DIR}"]  # fmt: skip
+    for dev in DEVICES:
+        lines += [f": > dev/{dev}", f"{mount} --bind /dev/{dev} dev/{dev}"]
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):  # merged /usr: /bin -> usr/bin
+            lines.append(f"ln -s {q(os.readlink(d))} .{q(d)}")
+        elif os.path.isdir(d):
+            lines += [f"mkdir -p .{q(d)}", f"{mount} --bind -o ro {q(d)} .{q(d)}"]
+    for d in python_dirs():
+        lines += [f"mkdir -p .{q(d)}", f"{mount} --bind -o ro {q(os.path.realpath(d))} .{q(d)}"]
+    lines += ["ln -s /proc/self/fd dev/fd", "mkdir .old", f"{pivot_root} . .old", f"{umount} -l /.old", "rmdir /.old",
+              f"{mount} -o remount,bind,ro /", f"cd {PROGRAM_DIR}", "exec " + " ".join(q(a) for a in final)]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---- the layers available here ----
+_caps: dict | None = None
+_caps_lock = threading.Lock()
+
+
+def _setpriv_cmd(setpriv: str, uid: int | None) -> list[str]:
+    """Drop everything before exec: no capabilities (empty bounding set), no setuid-binary escalation,
+    SIGKILL if the launcher dies; as root also the throw-away uid and no supplementary groups."""
+    ids = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
+    return [setpriv, *ids, "--no-new-privs", "--bounding-set=-all", "--pdeathsig=SIGKILL", "--"]
+
+
+def _command(caps: dict, workdir: str, uid: int | None, argv: list[str]) -> list[str]:
+    """The full argv that runs `argv` (cwd: the program's dir) under the layers in `caps`."""
+    if caps["mode"] == "degraded":
+        return argv
+    # RLIMIT_NPROC is set last, as root or inside the user namespace: set earlier, it would count every
+    # process the caller owns (a trainer's threads) against MAX_PROCS.
+    final = [caps["prlimit"], f"--nproc={MAX_PROCS}:{MAX_PROCS}", "--", *_setpriv_cmd(caps["setpriv"], uid), *argv]
+    if caps["mode"] == "uid":
+        return final
+    flags = ["--mount", "--net", "--pid", "--fork", "--kill-child"]
+    if caps["mode"] == "user":  # the namespaces' root is the caller's uid, with no power outside them
+        flags = ["--user", "--map-root-user", *flags]
+    return [caps["unshare"], *flags, "--", "/bin/sh", "-c", _setup_script(workdir, final, caps)]
+
+
+def sandbox_caps() -> dict:
+    """Probe once which mode works here (see the module docstring): {"mode", "unshare", "setpriv", "prlimit",
+    "why"}. A mode counts only if a probe program really runs through it."""
+    global _caps
+    with _caps_lock:
+        if _caps is not None:
+            return _caps
+        search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        tools = {name: shutil.which(name, path=search) for name in ("unshare", "setpriv", "prlimit", "mount", "umount", "pivot_root")}
+        missing = [name for name, path in tools.items() if path is None]
+        caps = {"mode": "degraded", **tools}
+        why = f"missing tools: {', '.join(missing)}" if missing else ""
+        modes = ["root", "uid"] if os.geteuid() == 0 else ["user"]
+        for mode in [m for m in modes if not missing or (m == "uid" and tools["setpriv"] and tools["prlimit"])]:
+            result = _run({**caps, "mode": mode}, "print('ok')", "", 30.0, 256)
+            if result.ok and result.stdout == "ok\n":
+                caps["mode"] = mode
+                break
+            why += f"{'; ' if why else ''}the {mode}-mode probe failed: {result.stderr.strip()[-300:] or result.returncode}"
+        caps["why"] = why
+        if caps["mode"] in ("uid", "degraded"):
+            logger.warning("code sandbox %s (%s): %s", caps["mode"].upper(), why, "programs reach the network and see host "
+                           "processes" if caps["mode"] == "uid" else "programs run with this process's uid, files and network")  # fmt: skip
+        _caps = caps
+        return caps
+
+
+def self_check() -> dict:
+    """Run a trivial program and `import numpy` in the sandbox; raise with the reason and a fix if either
+    fails, so that a broken sandbox stops a run at start-up instead of scoring every program 0. Returns caps.
+
+    In degraded mode, prints a loud warning naming the risk (once per process)."""
+    caps = sandbox_caps()
+    for code in ("print('ok')", "import numpy; print('ok')"):
+        result = run_python(code, timeout_s=60.0)
+        if not (result.ok and result.stdout == "ok\n"):
+            raise RuntimeError(
+                f"the code sandbox ({caps['mode']} mode) cannot run `{code}`: {result.stderr.strip()[-600:] or result}. "
+                f"Every code sample would score 0. Interpreter: {sys.executable}. If numpy is missing, install it "
+                f"in this environment; otherwise see the sandbox section of the README.")  # fmt: skip
+    if caps["mode"] == "degraded" and not getattr(self_check, "warned", False):
+        self_check.warned = True
+        print(f"\n{'!' * 100}\nWARNING: the code sandbox is DEGRADED here ({caps['why']}).\nModel-written programs will "
+              "run as YOUR user: they can read, change or delete your files (~/.ssh, your code, your checkpoints)\n"
+              "and reach the network. Run as root, or enable unprivileged user namespaces "
+              "(sysctl kernel.unprivileged_userns_clone=1,\nor the AppArmor userns restriction off), to isolate them.\n"
+              f"{'!' * 100}\n", file=sys.stderr, flush=True)  # fmt: skip
+    return caps
+
+
+# ---- running one program ----
+def _limit_resources(cpu_s: int, memory_bytes: int) -> None:
+    """preexec_fn, in the forked child before exec: setrlimit only (no imports, no locks: we may be threaded).
+    RLIMIT_NPROC is set later, inside the namespaces (see _command); in degraded mode it is not set at all:
+    there it would count the caller's own processes."""
+    for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_s),
+                         (resource.RLIMIT_FSIZE, MAX_FILE_BYTES), (resource.RLIMIT_CORE, 0)):  # fmt: skip
+        resource.setrlimit(limit, (value, value))
+
+
+def _kill_sandbox(proc: subprocess.Popen, caps: dict, uid: int | None) -> None:
+    """SIGKILL everything the run started. Call before reaping `proc`, so its pgid cannot be reused."""
+    if uid is not None:
+        # kill(-1) as the run's own uid reaches every process of that uid anywhere (setsid escapees,
+        # double-forked daemons) and nothing else. With namespaces it kills the namespace's init, so the
+        # kernel kills and reaps the rest before unshare (our `proc`) can exit: once reaped, all are gone.
+        subprocess.run(_setpriv_cmd(caps["setpriv"], uid) + ["/bin/sh", "-c", "kill -9 -1"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        return
+    # user mode: unshare is in our new session; killing it makes --kill-child SIGKILL the namespace's init,
+    # and the kernel then kills everything in the PID namespace. Degraded: our session (setsid escapes it).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _feed_stdin(pipe, data: bytes) -> None:
+    """In a thread, so a large stdin can never deadlock against the output we read."""
+    with contextlib.suppress(OSError), pipe:  # the program may exit without reading it all
+        pipe.write(data)
+
+
+def run_python(code: str, *, stdin: str = "", timeout_s: float = 10.0, memory_mb: int = 1024) -> ExecResult:
+    """Run untrusted `code` with `python -I` in a fresh sandbox (see the module docstring); return within
+    ~timeout_s, leave nothing behind."""
+    return _run(sandbox_caps(), code, stdin, timeout_s, memory_mb)
+
+
+def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int) -> ExecResult:
+    uid = SANDBOX_UID_BASE + random.randrange(SANDBOX_UID_SPAN) if caps["mode"] in ("root", "uid") else None
+    workdir = tempfile.mkdtemp(prefix="grlo_sandbox_")  # host side: root/ (mount point), work/ (the program's dir)
+    work = os.path.join(workdir, "work")
+    os.mkdir(work)
+    os.mkdir(os.path.join(workdir, "root"))
+    os.chmod(workdir, 0o711)  # "uid" mode: the throw-away uid must pass through to work/, never list it
+    isolated = caps["mode"] in ("root", "user")  # namespaces: own filesystem, PID space and network
+    start = time.monotonic()
+    deadline = start + timeout_s
+    proc = feeder = None
+    killed = False
+    buffers = {}
+    try:
+        with open(os.path.join(work, "main.py"), "w") as f:
+            f.write(code)
+        if uid is not None:
+            os.chown(work, uid, uid)
+        home = PROGRAM_DIR if isolated else work
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": "/tmp" if isolated else work,
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
+        proc = subprocess.Popen(
+            _command(caps, workdir, uid, [sys.executable, "-I", "main.py"]), cwd=work, env=env,
+            start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=functools.partial(_limit_resources, math.ceil(timeout_s) + 1, memory_mb << 20),
+        )  # fmt: skip
+        feeder = threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin.encode()), daemon=True)
+        feeder.start()
+        buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        open_fds, exited, timed_out, truncated = set(buffers), False, False, False
+        poller = select.poll()
+        for fd in buffers:
+            poller.register(fd, select.POLLIN)
+        while not truncated:
+            # WNOWAIT: see the exit without reaping, so the pid (= our pgid) stays ours until the kill below.
+            if not exited and os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                exited = killed = True
+                if not isolated:  # (a namespace died with its init) leftovers holding our pipes die now
+                    _kill_sandbox(proc, caps, uid)
+            if exited and not open_fds:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = not exited
+                break
+            if not open_fds:  # the program closed stdout/stderr but still runs
+                time.sleep(min(remaining, 0.05))
+                continue
+            for fd, _ in poller.poll(min(remaining, 0.05) * 1000):
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    open_fds.discard(fd)
+                    poller.unregister(fd)
+                room = OUTPUT_CAP_BYTES - len(buffers[fd])
+                buffers[fd] += chunk[:room]
+                truncated |= len(chunk) > room  # an output flood: stop reading, kill below
+    finally:
+        if proc is not None:
+            if not killed:  # deadline, output flood, or an exception here: nothing may outlive the call
+                _kill_sandbox(proc, caps, uid)
+            for pipe in (proc.stdout, proc.stderr):  # unblocks unshare if it writes into a full pipe
+                pipe.close()
+            try:
+                returncode = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # cannot happen unless unshare itself hangs
+                os.killpg(proc.pid, signal.SIGKILL)
+                returncode = proc.wait()
+        if feeder is not None:
+            feeder.join(timeout=1.0)
+        shutil.rmtree(workdir, ignore_errors=True)
+    out, err = (bytes(buf).decode("utf-8", "replace") for buf in buffers.values())
+    return ExecResult(ok=returncode == 0 and not timed_out and not truncated, timed_out=timed_out,
+                      returncode=returncode, stdout=out, stderr=err, duration_s=time.monotonic() - start,
+                      output_truncated=truncated)  # fmt: skip
