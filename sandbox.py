@@ -92,29 +92,41 @@ def python_dirs() -> list[str]:
     return kept
 
 
+def _fstab_path(path: str) -> str:
+    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
+
+
 def _setup_script(workdir: str, final: list[str], tools: dict) -> str:
     """Shell run as the namespaces' root: build a fresh root on a tmpfs in `workdir/root`, pivot into it,
-    make it read-only, then exec `final` in PROGRAM_DIR. Every bind is read-only but the program's dir."""
+    make it read-only, then exec `final` in PROGRAM_DIR. Every bind is read-only but the program's dir.
+
+    The mounts are listed in two fstab files for one `mount -a` each (a dozen mounts cost ~40 ms as separate
+    `mount` processes, ~15 ms this way); X-mount.mkdir creates each mount point."""
     q = shlex.quote
     mount, umount, pivot_root = (q(tools[t]) for t in ("mount", "umount", "pivot_root"))  # sbin may not be on PATH
     root = os.path.join(workdir, "root")
-    lines = ["set -e", f"{mount} --make-rprivate /", f"{mount} -t tmpfs -o size=16m,mode=755 grlo-root {q(root)}", f"cd {q(root)}"]
+    at = lambda d: _fstab_path(root + d)  # noqa: E731
     # the sandbox's own /tmp and /dev/shm first: a venv that lives under /tmp is bound on top of them below
-    lines += [f"mkdir -p tmp dev/shm proc .{PROGRAM_DIR}", f"{mount} -t tmpfs -o size={TMP_SIZE},mode=1777 grlo-tmp tmp",
-              f"{mount} -t tmpfs -o size={TMP_SIZE},mode=1777 grlo-shm dev/shm", f"{mount} -t proc proc proc",
-              f"{mount} --bind {q(os.path.join(workdir, 'work'))} .{PROGRAM_DIR}"]  # fmt: skip
-    for dev in DEVICES:
-        lines += [f": > dev/{dev}", f"{mount} --bind /dev/{dev} dev/{dev}"]
-    for d in SYSTEM_DIRS:
-        if os.path.islink(d):  # merged /usr: /bin -> usr/bin
-            lines.append(f"ln -s {q(os.readlink(d))} .{q(d)}")
-        elif os.path.isdir(d):
-            lines += [f"mkdir -p .{q(d)}", f"{mount} --bind -o ro {q(d)} .{q(d)}"]
+    entries = [f"grlo-tmp {at('/tmp')} tmpfs size={TMP_SIZE},mode=1777,X-mount.mkdir 0 0",
+               f"grlo-shm {at('/dev/shm')} tmpfs size={TMP_SIZE},mode=1777,X-mount.mkdir 0 0",
+               f"proc {at('/proc')} proc X-mount.mkdir 0 0",
+               f"{_fstab_path(os.path.join(workdir, 'work'))} {at(PROGRAM_DIR)} none bind,X-mount.mkdir 0 0"]  # fmt: skip
+    for d in SYSTEM_DIRS:  # a merged-/usr symlink (/bin -> usr/bin) is bound as the directory it names
+        if os.path.isdir(d):
+            entries.append(f"{_fstab_path(os.path.realpath(d))} {at(d)} none bind,ro,X-mount.mkdir 0 0")
     for d in python_dirs():
-        lines += [f"mkdir -p .{q(d)}", f"{mount} --bind -o ro {q(os.path.realpath(d))} .{q(d)}"]
-    lines += ["ln -s /proc/self/fd dev/fd", "mkdir .old", f"{pivot_root} . .old", f"{umount} -l /.old", "rmdir /.old",
-              f"{mount} -o remount,bind,ro /", f"cd {PROGRAM_DIR}", "exec " + " ".join(q(a) for a in final)]  # fmt: skip
-    return "\n".join(lines)
+        entries.append(f"{_fstab_path(os.path.realpath(d))} {at(d)} none bind,ro,X-mount.mkdir 0 0")
+    devices = [f"/dev/{dev} {at('/dev/' + dev)} none bind 0 0" for dev in DEVICES]  # onto empty files, made below
+    for name, lines in (("mounts.fstab", entries), ("devices.fstab", devices)):
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return "\n".join([
+        "set -e", f"{mount} --make-rprivate /", f"{mount} -t tmpfs -o size=16m,mode=755 grlo-root {q(root)}",
+        f"{mount} -a -T {q(os.path.join(workdir, 'mounts.fstab'))}", f"cd {q(root)}",
+        *(f": > dev/{dev}" for dev in DEVICES), f"{mount} -a -T {q(os.path.join(workdir, 'devices.fstab'))}",
+        "ln -s /proc/self/fd dev/fd", "mkdir .old", f"{pivot_root} . .old", f"{umount} -l /.old",
+        f"{mount} -o remount,bind,ro /", f"cd {PROGRAM_DIR}", "exec " + " ".join(q(a) for a in final),
+    ])  # fmt: skip
 
 
 # ---- the layers available here ----

@@ -714,3 +714,95 @@ def test_compute_rewards_routes_model_rows(rm):
     assert rewards[3] == 1.0
     assert stats["rewards/model_mean"] == pytest.approx(sum(rewards[:3]) / 3)
     assert stats["rewards/rm_truncated"] == 0 and stats["rewards/math_mean"] == 1.0
+
+
+# ---- the sandbox for an ordinary user, and for a venv in a private directory ----
+def private_env(owner_uid: int) -> dict:
+    """A private (0700) directory owned by `owner_uid`, as `mktemp -d` and home directories are, holding a venv
+    made by the system Python (no pip) with numpy copied in, a clone (sandbox.py and the attack driver), and a
+    HOME with a fake SSH key. The sandbox's throw-away uid cannot traverse it."""
+    import numpy
+
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if system_python is None or subprocess.run([system_python, "-c", f"import sys; assert sys.version_info[:2] == {tuple(sys.version_info[:2])}"]).returncode:
+        pytest.skip("needs a system python3 of this Python's version (numpy is copied in, not installed)")
+    base = Path(tempfile.mkdtemp(prefix="grlo_private_"))  # 0700
+    venv = base / "venv"
+    subprocess.run([system_python, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(subprocess.run([str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    src = Path(numpy.__file__).parent
+    for name in (src.name, src.name + ".libs"):
+        if (src.parent / name).exists():
+            shutil.copytree(src.parent / name, site / name, symlinks=True)
+    clone = base / "clone"
+    clone.mkdir()
+    shutil.copy(ROOT / "sandbox.py", clone)
+    shutil.copy(ROOT / "tests" / "sandbox_user_check.py", clone)
+    home = base / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nGRLOFAKEKEY0123456789\n-----END OPENSSH PRIVATE KEY-----\n")
+    (home / ".ssh" / "id_ed25519").chmod(0o600)
+    (home / "victim.txt").write_text("precious")
+    (home / ".bashrc").write_text("# the user's own\n")
+    subprocess.run(["chown", "-R", f"{owner_uid}:{owner_uid}", str(base)], check=True)
+    return {"base": base, "python": str(venv / "bin/python"), "clone": clone, "home": home}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to become an ordinary user")
+def test_attack_suite_as_an_ordinary_user():
+    """The attack programs, run by uid 65534 from its private directory with its own venv: its files, key and
+    HOME untouched, numpy importable, no network, nothing left running. (Before sandbox.py's mount namespace:
+    the delete, the key read and the HOME write went through, as issue 15 measured.)"""
+    env = private_env(65534)
+    try:
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "env", "-i",
+                               f"HOME={env['home']}", "PATH=/usr/bin:/bin", env["python"], str(env["clone"] / "sandbox_user_check.py")],
+                              cwd=env["home"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        print("\n".join(f"  {'contained' if a['contained'] else 'NOT CONTAINED'}: {name}" for name, a in report["attacks"].items()))
+        assert report["uid"] == 65534 and report["mode"] == "user", report["why"]
+        assert report["self_check"] == "user"
+        failed = {name: a["detail"] for name, a in report["attacks"].items() if not a["contained"]}
+        assert not failed, failed
+        assert len(report["attacks"]) >= 16
+        assert (env["home"] / ".ssh" / "id_ed25519").read_text().count("GRLOFAKEKEY") == 1
+        # nothing left running (a killed namespace init may wait as a zombie for the host's init to reap it)
+        left = [p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) == 65534 and not _zombie(p)]
+        assert left == [], f"a process of the ordinary user outlived the attacks: {left}"
+    finally:
+        shutil.rmtree(env["base"], ignore_errors=True)
+
+
+def _zombie(pid: str) -> bool:
+    with contextlib.suppress(OSError):
+        return any(line.startswith("State:") and "Z" in line for line in open(f"/proc/{pid}/status"))
+    return True  # gone meanwhile
+
+
+def _uid_of(pid: str):
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("Uid:")).split()[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's throw-away uid is what cannot traverse the private directory")
+def test_venv_in_a_private_directory_still_imports_numpy_and_a_blind_sandbox_stops_at_self_check():
+    """Root, venv under a 0700 directory: the sandbox binds the install into its own root, so numpy imports
+    (before: ModuleNotFoundError, and every MBPP+ program scored 0). Without namespaces ("uid" mode) the
+    throw-away uid cannot reach that venv: self_check must stop with the reason instead."""
+    env = private_env(0)
+    try:
+        code = ("import json, sys, sandbox\nr = sandbox.run_python('import numpy; print(numpy.__file__)')\n"
+                "print(json.dumps({'mode': sandbox.self_check()['mode'], 'stdout': r.stdout, 'stderr': r.stderr}))\n"
+                "sandbox._caps = {**sandbox.sandbox_caps(), 'mode': 'uid'}\n"
+                "try:\n    sandbox.self_check()\nexcept RuntimeError as e:\n    print('STOPPED:', e)")  # fmt: skip
+        proc = subprocess.run([env["python"], "-c", code], cwd=env["clone"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.strip().splitlines()
+        first = json.loads(lines[0])
+        assert first["mode"] == "root" and first["stdout"].startswith(str(env["base"])), first
+        stopped = "\n".join(lines[1:])
+        assert stopped.startswith("STOPPED:") and "cannot run `import numpy" in stopped and env["python"] in stopped, stopped
+    finally:
+        shutil.rmtree(env["base"], ignore_errors=True)

