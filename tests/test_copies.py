@@ -1,7 +1,8 @@
 """Deliberate copies between stage scripts stay identical to their source (Transformers' "Copied from").
 
 A function preceded by `# Copied from train_grlo.<name>` must be byte-identical to train_grlo's `<name>`.
-A copy that has to diverge drops the marker and takes a new name."""
+A copy that has to diverge drops the marker and takes a new name. `python tests/test_copies.py --fix`
+rewrites every marked copy from its source (Transformers' `make fix-copies`)."""
 
 import ast
 import os
@@ -44,22 +45,6 @@ def test_marked_copies_are_identical(script):
         assert copies[name] == source[name], f"{script}:{line}: {name} drifted from train_grlo.{name}"
 
 
-def readme_diff() -> str:
-    """`diff -u train_grlo.py train_rlvr.py`, as the README shows it."""
-    import difflib
-
-    a = open(os.path.join(ROOT, "train_grlo.py")).read().splitlines()
-    b = open(os.path.join(ROOT, "train_rlvr.py")).read().splitlines()
-    return "\n".join(difflib.unified_diff(a, b, "train_grlo.py", "train_rlvr.py", lineterm=""))
-
-
-def test_readme_diff_is_current():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    start = readme.index("```diff\n") + len("```diff\n")
-    shown = readme[start : readme.index("\n```", start)]
-    assert shown == readme_diff(), "README's diff block is stale: run `python tests/test_copies.py` to rewrite it"
-
-
 def fix_copies(script: str) -> list:
     """Rewrite every marked copy in `script` from its source in train_grlo.py; returns the names rewritten."""
     path = os.path.join(ROOT, script)
@@ -74,13 +59,10 @@ def fix_copies(script: str) -> list:
     return fixed
 
 
-if __name__ == "__main__":  # `--fix`: rewrite marked copies from train_grlo.py; always: rewrite the README's diff
+if __name__ == "__main__":  # `python tests/test_copies.py --fix`: rewrite marked copies from train_grlo.py
     import sys
 
-    if "--fix" in sys.argv:
-        for script in ("train_rlvr.py", "evaluate.py"):
-            print(script, "rewrote:", ", ".join(fix_copies(script)) or "nothing")
-    path = os.path.join(ROOT, "README.md")
-    readme = open(path).read()
-    start = readme.index("```diff\n") + len("```diff\n")
-    open(path, "w").write(readme[:start] + readme_diff() + readme[readme.index("\n```", start) :])
+    if "--fix" not in sys.argv:
+        raise SystemExit("usage: python tests/test_copies.py --fix")
+    for script in ("train_rlvr.py", "evaluate.py"):
+        print(script, "rewrote:", ", ".join(fix_copies(script)) or "nothing")

@@ -82,7 +82,7 @@ def test_fsdp_launch_on_cpu_is_refused(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("config,precision", [("deepspeed_zero2", "bf16"), ("deepspeed_zero3", "fp32")])
 def test_train_grlo_under_deepspeed(config, precision, tmp_path, tiny_models):
-    """The README's DeepSpeed commands, end to end on 2 CPU ranks: KL (the reference model), vLLM per rank in
+    """The DeepSpeed commands of README and docs/gpu.md, end to end on 2 CPU ranks: KL (the reference model), vLLM per rank in
     the trainer's dtype, TIS weights at 1 after every sync, checkpoints that load as plain HF folders. ZeRO-2
     runs in bf16 as on GPUs (DeepSpeed's bf16 engine, fp32 reductions), ZeRO-3 in fp32."""
     out = tmp_path / "run"

@@ -569,7 +569,7 @@ def test_reward_rises_on_tiny_models(tmp_path, tiny_models):
 
 
 def test_readme_documents_every_flag():
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "docs", "train_grlo.md")).read()
     import dataclasses
 
     for f in dataclasses.fields(tg.Args):
