@@ -16,8 +16,8 @@ average of 24.1 suggests) end math problems with Qwen's eval phrasing "Please re
 your final answer within \\boxed{}." and ask for code in a ```python block (EvalPlus's wording).
 
     python local_models.py --which smollm2 && python evaluate.py --preset cpu      # CPU: bundled sets + HumanEval
-    python evaluate.py --model Qwen/Qwen3-4B-Base runs/grlo/checkpoint-150         # GPU: paper-style suite, 2 models
-    accelerate launch --multi_gpu --num_processes 4 evaluate.py --model runs/grlo/checkpoint-150
+    python evaluate.py --model Qwen/Qwen3-4B-Base runs/grlo/checkpoint-80         # GPU: paper-style suite, 2 models
+    accelerate launch --multi_gpu --num_processes 4 evaluate.py --model runs/grlo/checkpoint-80
     python evaluate.py --responses answers.jsonl --benchmarks math500 gsm8k        # score answers you already have
 """
 
@@ -472,7 +472,7 @@ def resume_state(out_dir: str, name: str, config: dict):
 
 
 def run_tag(path: str) -> str:
-    """Folder name of a model or answers file: its last two path parts, e.g. grlo--checkpoint-150."""
+    """Folder name of a model or answers file: its last two path parts, e.g. grlo--checkpoint-80."""
     parts = [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".", "..")]
     parts[-1] = parts[-1].removesuffix(".jsonl")
     return "--".join(parts[-2:])

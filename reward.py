@@ -28,8 +28,8 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
+import secrets
 import select
 import subprocess
 import sys
@@ -481,7 +481,7 @@ def _json_field(value):
 
 def _run_tests(source: str, tests: list[str], all_or_nothing: bool, timeout_s: float) -> tuple[float, bool]:
     """Pass fraction of assert-style `tests` against `source` (one process), and whether it timed out."""
-    nonce = "%032x" % random.getrandbits(128)
+    nonce = secrets.token_hex(16)  # not `random`: seeded runs would make it predictable
     harness = _TEST_HARNESS + f"\n_grlo_main({source!r}, {tests!r}, {all_or_nothing!r})\n"
     result = run_python(harness, stdin=nonce + "\n", timeout_s=timeout_s)
     passed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith(nonce) and line.endswith(" 1")}

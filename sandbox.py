@@ -16,15 +16,19 @@ What a sandboxed program gets (full isolation, the "root" and "user" modes below
 
 Modes, chosen once by `sandbox_caps` (which runs a probe program through each):
 - "root": the caller is root: mount + network + PID namespaces, then `setpriv` to a throw-away uid;
-- "user": an unprivileged caller: the same namespaces inside a user namespace (`unshare --user`);
+- "user": an unprivileged caller (or root without CAP_SYS_ADMIN, as in many containers): the same namespaces
+  inside a user namespace (`unshare --user`), every capability dropped before the program starts;
 - "uid": root, but no namespaces here: only the throw-away uid (it cannot touch the caller's files, but it
   reaches the network and sees host processes; a venv it cannot traverse fails `self_check`);
-- "degraded": a normal user without namespaces (no `unshare`, or unprivileged user namespaces disabled):
-  programs run with the caller's uid, files and network. `self_check` says so loudly, naming the risk.
+- "degraded": no namespaces and no throw-away uid (no `unshare`, or unprivileged user namespaces disabled):
+  programs run with the caller's uid, files and network. `self_check` says so loudly, naming the risk, and
+  refuses outright for root unless GRLO_ALLOW_UNSANDBOXED_CODE=1.
 
-Known limits: no cgroups (memory is bounded per process: MAX_PROCS * memory_mb per run); the system
-directories and the Python install are readable (as they are to any local user); in "user" mode a
-program can create nested namespaces (it gains nothing there: the host filesystem is not in its tree).
+Known limits: no cgroups (memory is bounded per process: MAX_PROCS * memory_mb per run, plus up to
+2 x TMP_SIZE of files in its /tmp and /dev/shm tmpfs); the system directories and the Python install are
+readable (as they are to any local user); in "user" mode a program can create nested namespaces (it gains
+nothing there: the host filesystem is not in its tree) and shares the caller's session keyring; in "uid"
+mode it may leave files in the host's world-writable /tmp and /dev/shm.
 """
 
 import contextlib
@@ -132,6 +136,7 @@ def _setup_script(workdir: str, final: list[str], tools: dict) -> str:
 # ---- the layers available here ----
 _caps: dict | None = None
 _caps_lock = threading.Lock()
+_rng = random.SystemRandom()  # not the global generator, which set_seed makes identical on every rank
 
 
 def _setpriv_cmd(setpriv: str, uid: int | None) -> list[str]:
@@ -150,7 +155,7 @@ def _command(caps: dict, workdir: str, uid: int | None, argv: list[str]) -> list
     final = [caps["prlimit"], f"--nproc={MAX_PROCS}:{MAX_PROCS}", "--", *_setpriv_cmd(caps["setpriv"], uid), *argv]
     if caps["mode"] == "uid":
         return final
-    flags = ["--mount", "--net", "--pid", "--fork", "--kill-child"]
+    flags = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
     if caps["mode"] == "user":  # the namespaces' root is the caller's uid, with no power outside them
         flags = ["--user", "--map-root-user", *flags]
     return [caps["unshare"], *flags, "--", "/bin/sh", "-c", _setup_script(workdir, final, caps)]
@@ -168,7 +173,8 @@ def sandbox_caps() -> dict:
         missing = [name for name, path in tools.items() if path is None]
         caps = {"mode": "degraded", **tools}
         why = f"missing tools: {', '.join(missing)}" if missing else ""
-        modes = ["root", "uid"] if os.geteuid() == 0 else ["user"]
+        # as root, a user namespace is the fallback (no CAP_SYS_ADMIN in a container), then the uid alone
+        modes = ["root", "user", "uid"] if os.geteuid() == 0 else ["user"]
         for mode in [m for m in modes if not missing or (m == "uid" and tools["setpriv"] and tools["prlimit"])]:
             result = _run({**caps, "mode": mode}, "print('ok')", "", 30.0, 256)
             if result.ok and result.stdout == "ok\n":
@@ -187,8 +193,13 @@ def self_check() -> dict:
     """Run a trivial program and `import numpy` in the sandbox; raise with the reason and a fix if either
     fails, so that a broken sandbox stops a run at start-up instead of scoring every program 0. Returns caps.
 
-    In degraded mode, prints a loud warning naming the risk (once per process)."""
+    In degraded mode, prints a loud warning naming the risk (once per process); as root it refuses, since
+    programs would run as root, unless GRLO_ALLOW_UNSANDBOXED_CODE=1 says to go ahead."""
     caps = sandbox_caps()
+    if caps["mode"] == "degraded" and os.geteuid() == 0 and os.environ.get("GRLO_ALLOW_UNSANDBOXED_CODE") != "1":
+        raise RuntimeError(f"the code sandbox cannot isolate programs here ({caps['why']}), and this process is root: "
+                           "model-written code would run as root with the network. Install util-linux (unshare, setpriv, "
+                           "prlimit), allow namespaces, or set GRLO_ALLOW_UNSANDBOXED_CODE=1 to accept the risk.")  # fmt: skip
     for code in ("print('ok')", "import numpy; print('ok')"):
         result = run_python(code, timeout_s=60.0)
         if not (result.ok and result.stdout == "ok\n"):
@@ -216,6 +227,18 @@ def _limit_resources(cpu_s: int, memory_bytes: int) -> None:
         resource.setrlimit(limit, (value, value))
 
 
+def _pids(match) -> list[int]:
+    """Host pids whose /proc/<pid>/status fields satisfy `match(status)`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                with open(f"/proc/{entry}/status") as f:
+                    if match(dict(line.split(":", 1) for line in f if ":" in line)):
+                        out.append(int(entry))
+    return out
+
+
 def _kill_sandbox(proc: subprocess.Popen, caps: dict, uid: int | None) -> None:
     """SIGKILL everything the run started. Call before reaping `proc`, so its pgid cannot be reused."""
     if uid is not None:
@@ -224,10 +247,20 @@ def _kill_sandbox(proc: subprocess.Popen, caps: dict, uid: int | None) -> None:
         # kernel kills and reaps the rest before unshare (our `proc`) can exit: once reaped, all are gone.
         subprocess.run(_setpriv_cmd(caps["setpriv"], uid) + ["/bin/sh", "-c", "kill -9 -1"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        if caps["mode"] == "uid":  # no PID namespace: a program could kill that killer first; root finishes it
+            deadline = time.monotonic() + 2.0
+            while (left := _pids(lambda st: int(st["Uid"].split()[0]) == uid and "Z" not in st["State"])) and time.monotonic() < deadline:
+                for pid in left:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         return
-    # user mode: unshare is in our new session; killing it makes --kill-child SIGKILL the namespace's init,
-    # and the kernel then kills everything in the PID namespace. Degraded: our session (setsid escapes it).
-    with contextlib.suppress(ProcessLookupError):
+    if caps["mode"] == "user":
+        # SIGKILL the namespace's init directly (the kernel then kills the whole PID namespace): a program
+        # that reset its parent-death signal and left unshare's process group would survive the killpg below.
+        for pid in _pids(lambda st: int(st["PPid"]) == proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # unshare; degraded: our session (setsid escapes it)
         os.killpg(proc.pid, signal.SIGKILL)
 
 
@@ -244,7 +277,7 @@ def run_python(code: str, *, stdin: str = "", timeout_s: float = 10.0, memory_mb
 
 
 def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int) -> ExecResult:
-    uid = SANDBOX_UID_BASE + random.randrange(SANDBOX_UID_SPAN) if caps["mode"] in ("root", "uid") else None
+    uid = SANDBOX_UID_BASE + _rng.randrange(SANDBOX_UID_SPAN) if caps["mode"] in ("root", "uid") else None
     workdir = tempfile.mkdtemp(prefix="grlo_sandbox_")  # host side: root/ (mount point), work/ (the program's dir)
     work = os.path.join(workdir, "work")
     os.mkdir(work)

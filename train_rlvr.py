@@ -12,7 +12,7 @@ The paper reports that this second stage adds a little, mostly on hard competiti
 follow DAPO where the paper is silent: clip 0.2/0.28, token-mean loss, dynamic sampling, overlong shaping.
 
     python local_models.py && python train_rlvr.py --preset cpu-arith                      # CPU, SmolLM2
-    accelerate launch --config_file configs/ddp.yaml train_rlvr.py --model runs/grlo/checkpoint-78
+    accelerate launch --config_file configs/ddp.yaml train_rlvr.py --model runs/grlo/checkpoint-80
 """
 
 import ctypes
@@ -782,8 +782,10 @@ def evaluate_heldout(llm, model, accelerator, args: Args, rows: list, prompt_ids
     greedy = dataclasses.replace(args, temperature=0.0, num_generations=1)
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
     scores, truncated = [], []
+    # a rank without rows still decodes one (discarded): under ZeRO-3/FSDP every HF decoding step is a collective
+    _, completion_ids, _, truncated = rollout(llm, model, accelerator, greedy, prompt_ids, mine or [0], 0, eos_ids, pad_id)
+    truncated = truncated[: len(mine)]
     if mine:
-        _, completion_ids, _, truncated = rollout(llm, model, accelerator, greedy, prompt_ids, mine, 0, eos_ids, pad_id)
         responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         scores, _ = reward.compute_rewards([rows[i] for i in mine], responses)
     totals = accelerator.reduce(torch.tensor([sum(scores), len(scores), sum(truncated)], dtype=torch.float64, device=accelerator.device), "sum")
@@ -1013,6 +1015,8 @@ def main(args: Args):
         g_len, g_trunc = accelerator.gather(lengths.float()), accelerator.gather(is_truncated)
         seen = accelerator.gather(torch.tensor(seen_scores, device=accelerator.device))
         counts = accelerator.reduce(torch.tensor([n_signal, len(batch)], dtype=torch.float32, device=accelerator.device), "sum")
+        stops = accelerator.reduce(torch.tensor([sum(c[-1:] == [e] for c in completion_ids) for e in eos_ids],
+                                                dtype=torch.float32, device=accelerator.device), "sum")  # fmt: skip
         step_time = time.time() - t_step
         metrics = {
             "charts/learning_rate": scheduler.get_last_lr()[0],
@@ -1026,6 +1030,7 @@ def main(args: Args):
             "rewards/batch_signal_frac": float(counts[0] / counts[1]),
             "completions/mean_length": float(g_len.mean()),
             "completions/clipped_ratio": float(g_trunc.mean()),
+            **{f"completions/stop_{tokenizer.convert_ids_to_tokens(e)}": float(n) / len(g_len) for e, n in zip(eos_ids, stops)},
             "losses/policy_loss": float(sums["loss"]) / max(len(grad_norms), 1),
             "losses/entropy": float(sums["entropy"] / tok),
             "losses/grad_norm": sum(grad_norms) / len(grad_norms),

@@ -20,13 +20,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def alive(marker: str) -> bool:
+    """A live process named `marker` (its PR_SET_NAME), whatever its namespace."""
     for entry in os.listdir("/proc"):
         try:
-            if entry.isdigit() and marker.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
-                return True
+            if entry.isdigit() and open(f"/proc/{entry}/comm").read().strip() == marker:
+                return "Z" not in open(f"/proc/{entry}/stat").read().split(")")[-1].split()[0]
         except OSError:
             pass
     return False
+
+
+def marked(marker: str, body: str) -> str:
+    """Program text: name this process `marker`, then run `body`."""
+    return f"import ctypes, os, time\nctypes.CDLL(None).prctl(15, {marker.encode()!r})\n{body}"
 
 
 def main():
@@ -78,15 +84,19 @@ def main():
     start = time.monotonic()
     r = sandbox.run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", timeout_s=2.0)
     record("fork storm", r.timed_out and time.monotonic() - start < 5, r)
-    marker = f"grlo-user-daemon-{os.getpid()}"
-    code = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-            f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}])\n"
-            "    os._exit(0)\nimport time; time.sleep(0.5)")  # fmt: skip
+    marker = "grlo" + os.urandom(5).hex()
+    code = ("import ctypes, os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        ctypes.CDLL(None).prctl(15, {marker.encode()!r})\n        os.write(w, b'1')\n        time.sleep(30)\n"
+            "    os._exit(0)\nos.close(w)\nprint('daemon' if os.read(r, 1) else 'none')")  # fmt: skip
     r = sandbox.run_python(code, timeout_s=5.0)
-    time.sleep(0.2)
-    record("double-forked daemon outliving the call", not alive(marker), r)
-    r = sandbox.run_python("import os, time\nos.setsid()\ntime.sleep(60)", timeout_s=1.0)
-    record("leave the process group", r.timed_out, r)
+    record("double-forked daemon outliving the call", r.stdout == "daemon\n" and not alive(marker), r)
+    marker = "grlo" + os.urandom(5).hex()
+    r = sandbox.run_python(marked(marker, "os.setsid()\ntime.sleep(60)"), timeout_s=1.0)
+    record("leave the process group", r.timed_out and not alive(marker), r)
+    marker = "grlo" + os.urandom(5).hex()  # the program is its namespace's init: undo what would kill it
+    r = sandbox.run_python(marked(marker, "os.setsid()\nctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG off\n"
+                                          "time.sleep(60)"), timeout_s=1.0)  # fmt: skip
+    record("outlive the launcher (setsid, parent-death signal off)", r.timed_out and not alive(marker), r)
     out["self_check"] = sandbox.self_check()["mode"]
     print(json.dumps(out))
 

@@ -230,27 +230,34 @@ def test_attack_fork_storm_does_not_starve_the_host_or_other_sandboxes():
 
 
 DAEMON = """
-import os, sys
+import ctypes, os, time
 ready_r, ready_w = os.pipe()
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
-        print("daemon started", flush=True)
-        os.write(ready_w, b"1")
         {close}
-        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{marker}"])
+        ctypes.CDLL(None).prctl(15, b"{marker}")  # PR_SET_NAME: the test finds the daemon by this name
+        os.write(ready_w, b"1")
+        time.sleep(60)
+        os._exit(0)
     os._exit(0)
-os.read(ready_r, 1)  # the daemon runs: only now may the program exit
+os.close(ready_w)
+print("daemon started" if os.read(ready_r, 1) == b"1" else "no daemon", flush=True)
 print("parent exits", flush=True)
 """
 
 
+def new_marker() -> str:
+    """A process name (at most 15 characters) no other process has."""
+    return "grlo" + os.urandom(5).hex()
+
+
 def marked_processes(marker: str) -> list[int]:
-    """Live host pids whose command line holds `marker` (whatever their uid or namespace)."""
+    """Live host pids named `marker` (whatever their uid or namespace)."""
     pids = []
     for entry in os.listdir("/proc"):
         with contextlib.suppress(OSError):
-            if entry.isdigit() and marker.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+            if entry.isdigit() and open(f"/proc/{entry}/comm").read().strip() == marker:
                 pids.append(int(entry))
     return pids
 
@@ -259,7 +266,7 @@ def marked_processes(marker: str) -> list[int]:
 @pytest.mark.parametrize("holds_pipes", [False, True])
 def test_attack_double_forked_daemon(holds_pipes):
     close = "pass" if holds_pipes else "os.close(0); os.close(1); os.close(2)"
-    marker = f"grlo-daemon-{os.getpid()}-{time.monotonic_ns()}"
+    marker = new_marker()
     start = time.monotonic()
     result = attack(DAEMON.format(close=close, marker=marker), timeout_s=10.0)
     assert result.ok and sorted(result.stdout.splitlines()) == ["daemon started", "parent exits"], result
@@ -278,7 +285,7 @@ def test_without_namespaces_the_uid_kill_still_cleans_up(monkeypatch):
     # "uid" mode (root without unshare): no PID namespace, so only the per-run uid kill stops a daemon.
     # Without a namespace the killed daemon is reaped by the host's init, not before we return: poll briefly.
     monkeypatch.setattr(sandbox, "_caps", {**CAPS, "mode": "uid"})
-    marker = f"grlo-daemon-{os.getpid()}-{time.monotonic_ns()}"
+    marker = new_marker()
     outputs = []
     for code, timeout_s in ((DAEMON.format(close="pass", marker=marker), 5.0),
                             ("import os, time\nos.setsid()\ntime.sleep(60)", 1.0)):  # fmt: skip
@@ -749,28 +756,43 @@ def private_env(owner_uid: int) -> dict:
     return {"base": base, "python": str(venv / "bin/python"), "clone": clone, "home": home}
 
 
+def _userns_for(uid: int) -> bool:
+    """Whether `uid` may create a user namespace with mounts here (unprivileged user namespaces enabled)."""
+    cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", "unshare", "--user", "--map-root-user",
+           "--mount", "true"]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to become an ordinary user")
-def test_attack_suite_as_an_ordinary_user():
-    """The attack programs, run by uid 65534 from its private directory with its own venv: its files, key and
-    HOME untouched, numpy importable, no network, nothing left running. (Before sandbox.py's mount namespace:
-    the delete, the key read and the HOME write went through, as issue 15 measured.)"""
-    env = private_env(65534)
+@pytest.mark.parametrize("uid, mode", [(65534, "user"), (0, "root")])
+def test_attack_suite_for_an_ordinary_user_and_for_root(uid, mode):
+    """The attack driver, run by uid 65534 (or root) from its private 0700 directory with its own venv: its
+    files, key and HOME untouched, its venv and code unwritable, numpy importable, no network, nothing left
+    running. (Before sandbox.py's mount namespace, as uid 65534: the delete, the key read, the HOME, venv and
+    code writes went through.)"""
+    if uid and not _userns_for(uid):
+        pytest.skip("unprivileged user namespaces are disabled here: the sandbox degrades (and says so)")
+    env = private_env(uid)
+    before = {p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) == uid}
     try:
-        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "env", "-i",
-                               f"HOME={env['home']}", "PATH=/usr/bin:/bin", env["python"], str(env["clone"] / "sandbox_user_check.py")],
-                              cwd=env["home"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        become = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] if uid else []
+        proc = subprocess.run([*become, "env", "-i", f"HOME={env['home']}", "PATH=/usr/bin:/bin", env["python"],
+                               str(env["clone"] / "sandbox_user_check.py")], cwd=env["home"], capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         print("\n".join(f"  {'contained' if a['contained'] else 'NOT CONTAINED'}: {name}" for name, a in report["attacks"].items()))
-        assert report["uid"] == 65534 and report["mode"] == "user", report["why"]
-        assert report["self_check"] == "user"
+        assert report["uid"] == uid and report["mode"] == mode and report["self_check"] == mode, report["why"]
         failed = {name: a["detail"] for name, a in report["attacks"].items() if not a["contained"]}
         assert not failed, failed
-        assert len(report["attacks"]) >= 16
+        assert len(report["attacks"]) == 17
         assert (env["home"] / ".ssh" / "id_ed25519").read_text().count("GRLOFAKEKEY") == 1
         # nothing left running (a killed namespace init may wait as a zombie for the host's init to reap it)
-        left = [p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) == 65534 and not _zombie(p)]
-        assert left == [], f"a process of the ordinary user outlived the attacks: {left}"
+        if uid:
+            left = {p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) == uid and not _zombie(p)} - before
+        else:  # root's programs ran under throw-away uids; other root processes come and go meanwhile
+            left = set(sandbox_processes(include_zombies=False))
+        assert not left, f"processes of uid {uid} outlived the attacks: {sorted(left)}"
     finally:
         shutil.rmtree(env["base"], ignore_errors=True)
 
@@ -786,7 +808,7 @@ def _uid_of(pid: str):
         return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("Uid:")).split()[1])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="root's throw-away uid is what cannot traverse the private directory")
+@isolated
 def test_venv_in_a_private_directory_still_imports_numpy_and_a_blind_sandbox_stops_at_self_check():
     """Root, venv under a 0700 directory: the sandbox binds the install into its own root, so numpy imports
     (before: ModuleNotFoundError, and every MBPP+ program scored 0). Without namespaces ("uid" mode) the
