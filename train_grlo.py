@@ -18,7 +18,6 @@ temperature 1.0, token-mean loss, prompt 1024 / response 3072 tokens, 4 PPO mini
     accelerate launch --config_file configs/ddp.yaml train_grlo.py --dataset train.jsonl   # 4 GPUs, paper
 """
 
-import ctypes
 import dataclasses
 import glob
 import hashlib
@@ -137,13 +136,13 @@ class Args:
     learning_rate: float = 1e-6
     """AdamW learning rate"""
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    """learning-rate schedule (after warmup)"""
+    """learning-rate schedule after --warmup-steps (one step per optimizer step, whatever the process count)"""
     warmup_steps: int = 0
     """linear warmup steps"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """gradient clipping norm"""
+    """gradient clipping norm (under DeepSpeed written into its config: its engine clips)"""
     num_minibatches: int = 4
     """optimizer steps per rollout batch (PPO mini-batches)"""
     ppo_epochs: int = 1
@@ -153,7 +152,7 @@ class Args:
     share_prompt: bool = False
     """forward each prompt once per group, in the update and the RM: its G completions follow it in one row, masked apart (eq. 8)"""
     keep_freed_memory: bool = True
-    """CPU runs: glibc keeps freed memory for reuse instead of returning it to the OS (see keep_freed_memory)"""
+    """CPU runs: glibc keeps freed memory for reuse instead of returning it to the OS (systems.keep_freed_memory)"""
     num_epochs: int = 2
     """passes over the prompt set; sets the step count when max_steps is 0 (2 x G=8 ~ the release's 15 x n=1)"""
     max_steps: int = 0
@@ -288,26 +287,6 @@ def request_seed(seed: int, step: int, prompt_index: int, sample: int) -> int:
     """Per-completion sampling seed from (seed, step, prompt, sample): reproducible on any rank count."""
     digest = hashlib.sha256(f"{seed}/{step}/{prompt_index}/{sample}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the OS. Used on CPU only.
-
-    Every step frees gigabytes of activations and allocates them again. By default glibc gives large blocks
-    back to the OS (munmap, heap trim), so the next step writes to fresh pages, and each fresh page costs a
-    page fault plus zeroing: 1-4 GiB/s on our VMs, against ~12 GiB/s for memory that is reused. With this
-    setting every block comes from the heap (M_MMAP_MAX 0: no block gets a mapping of its own, not even the
-    400 MB logits) and the heap is never trimmed (M_TRIM_THRESHOLD -1), so once the heap has grown to a
-    step's peak (a step or two later than that, where small objects left between the big blocks fragment
-    it), a step reuses the pages of the last one. The process keeps its peak memory until it exits.
-    Measured on the cpu-smollm2 preset in docs/train_grlo.md "Speed on CPU". Returns False where the C library has no
-    mallopt (not glibc)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # constants from glibc's <malloc.h>
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
 
 
 # ---- policy ----
@@ -457,52 +436,11 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, pe
 
 
 # ---- log-probs ----
-class TokenLogProbs(torch.autograd.Function):
-    """Log-prob of each target and entropy of softmax(z), z = logits / T, in fp32, `chunk` rows at a time.
-
-    Autograd through log_softmax keeps an (N, V) fp32 softmax for backward (or recomputes the whole
-    chunk under checkpointing). Here backward rebuilds p = exp(z - logZ) from the logits it already
-    holds and the saved log-normaliser, and applies the closed-form gradients:
-        d log p_y / dz = onehot(y) - p        dH / dz = -p * (log p + H)        (then / T for d/d logits)
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature: float, chunk: int):  # logits (N, V), targets (N,)
-        logz, logprobs, entropy = [], [], []
-        for i in range(0, logits.shape[0], chunk):
-            z = logits[i : i + chunk].float() / temperature
-            lz = torch.logsumexp(z, dim=-1)
-            logz.append(lz)
-            logprobs.append(z.gather(-1, targets[i : i + chunk, None]).squeeze(-1) - lz)
-            entropy.append(lz - (torch.exp(z - lz[:, None]) * z).sum(-1))
-        logz, logprobs, entropy = torch.cat(logz), torch.cat(logprobs), torch.cat(entropy)
-        ctx.save_for_backward(logits, targets, logz, entropy)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.set_materialize_grads(False)  # an unused output (entropy, usually) arrives as None: skip its term
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
-        logits, targets, logz, entropy = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for i in range(0, logits.shape[0], ctx.chunk):
-            s = slice(i, i + ctx.chunk)
-            logp = logits[s].float() / ctx.temperature - logz[s, None]  # (n, V) log p
-            p = logp.exp()
-            g = -grad_logprobs[s, None] * p if grad_logprobs is not None else torch.zeros_like(p)
-            if grad_logprobs is not None:
-                g[torch.arange(len(g), device=g.device), targets[s]] += grad_logprobs[s]
-            if grad_entropy is not None:
-                g -= grad_entropy[s, None] * p * (logp + entropy[s, None])
-            torch.div(g, ctx.temperature, out=grad[s])  # straight into the slice: no temporary, no copy
-        return grad, None, None, None
-
-
 def completion_logprobs(model, batch: dict, temperature: float, chunk_tokens: Optional[int] = None):
     """Per-token log-probs and entropies of the completion tokens. Returns two (b, C) tensors.
 
     The lm_head runs only on the columns in batch["logits_keep"], the ones that predict completion tokens
-    (see collate), and `TokenLogProbs` takes the fp32 log-softmax `chunk_tokens` rows at a time, so a full
+    (see collate), and `systems.TokenLogProbs` takes the fp32 log-softmax `chunk_tokens` rows at a time, so a full
     (b, C, V) fp32 softmax never exists, not even for backward. Default chunk: 1024 rows on GPU (few kernel
     launches); on CPU ~1 MB of fp32 logits, which stays in cache for the dozen passes over each row
     (measured 4-5x faster than 1024-row chunks on SmolLM2's 49k vocabulary)."""
@@ -514,7 +452,7 @@ def completion_logprobs(model, batch: dict, temperature: float, chunk_tokens: Op
     if logits.shape[0] != len(batch["slot_rows"]):  # a group with fewer than S samples leaves empty slots
         logits = logits[batch["slot_rows"]]
     chunk = chunk_tokens or (max(1, 2**18 // V) if logits.device.type == "cpu" else 1024)
-    logprobs, entropy = TokenLogProbs.apply(logits.reshape(-1, V), batch["completion_ids"].reshape(-1), temperature, chunk)
+    logprobs, entropy = systems.TokenLogProbs.apply(logits.reshape(-1, V), batch["completion_ids"].reshape(-1), temperature, chunk)
     return logprobs.view(-1, C), entropy.view(-1, C)
 
 
@@ -778,7 +716,7 @@ def reward_trend(rollouts_path: str, windows: int = 6) -> str:
 def main(args: Args):
     # ---- 0. setup: accelerator, logging, seeds ----
     cpu = not torch.cuda.is_available()
-    malloc_kept = cpu and args.keep_freed_memory and keep_freed_memory()  # before the big allocations
+    malloc_kept = cpu and args.keep_freed_memory and systems.keep_freed_memory()  # before the big allocations
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and not cpu)
     accelerator = systems.make_accelerator(use_bf16, args.max_grad_norm)
     rank, world = accelerator.process_index, accelerator.num_processes

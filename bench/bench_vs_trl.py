@@ -11,9 +11,9 @@ linear weight for oneDNN at load time and leaves an empty Parameter without a `w
 `model.load_weights` cannot work there; the patch reloads the full state_dict with `model_runner.reload_weights`,
 as train_grlo.sync_weights does. It shows what TRL's colocate mode would cost if its sync worked on CPU; it is
 compared on its own line and never counted as "TRL's best mode".
-Two more runs on request isolate our allocator setting (train_grlo.keep_freed_memory, on by default on CPU):
+Two more runs on request isolate our allocator setting (systems.keep_freed_memory, on by default on CPU):
   ours-vllm-glibc  ours with --no-keep-freed-memory (glibc's default malloc behaviour, as TRL runs)
-  trl-hf-kept      trl-hf with the same malloc setting: the TRL worker calls train_grlo.keep_freed_memory()
+  trl-hf-kept      trl-hf with the same malloc setting: the TRL worker calls systems.keep_freed_memory()
                    before it builds anything (GLIBC_TUNABLES did not reproduce mallopt's effect on a 256 MiB
                    block in our probe, so the worker makes the same calls); also compared on its own line.
 Both sides take every hyperparameter from train_grlo.PRESETS["cpu-smollm2"]: 8 prompts x G=4, 64 new tokens,
@@ -73,6 +73,7 @@ from transformers import TrainerCallback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import local_models  # noqa: E402
+import systems  # noqa: E402
 import train_grlo as tg  # noqa: E402
 
 PRESET = "cpu-smollm2"
@@ -99,7 +100,7 @@ class Args:
     trl_worker: Optional[Literal["hf", "vllm", "vllm-patched"]] = None
     """internal: run one TRL mode in this process and write its metrics to --output-json (set by the parent)"""
     trl_keep_freed_memory: bool = False
-    """internal: the TRL worker calls train_grlo.keep_freed_memory() first (the trl-hf-kept run)"""
+    """internal: the TRL worker calls systems.keep_freed_memory() first (the trl-hf-kept run)"""
 
 
 # ---- settings: one source of truth for both sides ----
@@ -239,7 +240,7 @@ def trl_worker(args: Args, steps: int):
         config = trl_config(p, steps, out, args.trl_worker != "hf", args.trl_grad_accum)
         if args.trl_worker == "vllm-patched":
             patch_trl_weight_sync()
-        if args.trl_keep_freed_memory and not tg.keep_freed_memory():
+        if args.trl_keep_freed_memory and not systems.keep_freed_memory():
             raise RuntimeError("mallopt refused keep_freed_memory's settings")
         dataset = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in prompt_rows(p)])
         trainer = GRPOTrainer(model=p.model, reward_funcs=p.reward_model, args=config, train_dataset=dataset,

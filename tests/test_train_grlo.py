@@ -310,7 +310,7 @@ def test_token_logprobs_gradients_match_autograd(dtype, use):
     targets = torch.randint(0, 50, (7,))
     g_lp, g_ent = torch.randn(7), torch.randn(7)
     x = logits.clone().requires_grad_()
-    lp, ent = tg.TokenLogProbs.apply(x, targets, 0.7, 3)  # chunk 3: 7 rows = 3 chunks
+    lp, ent = systems.TokenLogProbs.apply(x, targets, 0.7, 3)  # chunk 3: 7 rows = 3 chunks
     loss = (lp * g_lp if use != "entropy" else 0) + (ent * g_ent if use != "logprobs" else 0)
     loss.sum().backward()
     y = logits.float().clone().requires_grad_()
@@ -329,9 +329,9 @@ def test_token_logprobs_gradients_match_autograd(dtype, use):
 KEEP_FREED_PROBE = """
 import resource, sys
 import torch
-import train_grlo as tg
+import systems
 if sys.argv[1] == "keep":
-    assert tg.keep_freed_memory(), "mallopt refused the settings"
+    assert systems.keep_freed_memory(), "mallopt refused the settings"
 faults = []
 for _ in range(5):  # allocate and touch 40 x 8 MiB and 256 MiB (a step's logits), free it all, repeat
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
