@@ -24,6 +24,14 @@ import systems  # noqa: E402
 import train_grlo as tg  # noqa: E402
 
 
+def report(out: dict) -> None:
+    """One `CHECK {json}` line in a single write: the ranks share stdout, and a pipe keeps a write of up to
+    4096 bytes whole (print() writes the text and the newline separately, and two ranks' lines interleaved)."""
+    line = ("CHECK " + json.dumps(out) + "\n").encode()
+    assert len(line) <= 4096, len(line)
+    os.write(1, line)
+
+
 def vllm_error(llm, model, accelerator, prompts, args):
     """Largest |vLLM log-prob - trainer log-prob| over the tokens vLLM samples for `prompts`."""
     ids, lps, _ = tg.generate_vllm(llm, prompts, list(range(len(prompts))), args, [], show_progress=False)
@@ -91,7 +99,7 @@ def main(policy: str, rm_path: str):
     systems.sync_weights(llm, model, acc)
     out["vllm_error_after_sync"] = vllm_error(llm, model, acc, prompts, args)
     llm.llm_engine.engine_core.shutdown()
-    print("CHECK " + json.dumps(out), flush=True)
+    report(out)
     acc.end_training()
 
 
@@ -110,7 +118,7 @@ def fsdp_loading(rm_path: str):
             rm = reward.RewardModel(rm_path, device="cpu", dtype=torch.float32, batch_size=2, max_length=64)
         out[name] = reward.compute_rewards(rows, ["Something.", "A longer answer, with more words."], rm)[0]
     out["env_restored"] = os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"]
-    print("CHECK " + json.dumps(out), flush=True)
+    report(out)
     torch.distributed.destroy_process_group()
 
 
