@@ -4,7 +4,7 @@ None of it is the algorithm.
 
 Each function states what it guarantees. The GPU-only paths follow the peers' working code (cited where used);
 what can run on CPU is tested in tests/test_systems.py (2-process gloo runs under `accelerate launch` with the
-DDP, DeepSpeed ZeRO-2/3 and FSDP2 configs), and docs/gpu.md holds the memory plan for what cannot.
+DDP and DeepSpeed ZeRO-2/3 configs, FSDP2 under torchrun), and docs/gpu.md holds the memory plan for what cannot.
 Importing this module has no side effects.
 """
 
@@ -41,19 +41,18 @@ def make_accelerator(use_bf16: bool, max_grad_norm: float) -> Accelerator:
       DeepSpeed launch on CPU builds the Accelerator with cpu=False over gloo instead (the measured recipe).
       FSDP cannot run on CPU through accelerate at all, so that launch is refused.
     """
-    cpu = not torch.cuda.is_available()
-    sharded = _launched_with("DEEPSPEED")
+    cpu, deepspeed = not torch.cuda.is_available(), _launched_with("DEEPSPEED")
     if cpu and _launched_with("FSDP"):
         raise RuntimeError("accelerate 1.15 cannot run FSDP on CPU: its FSDP branch (accelerate/state.py) excludes CPU "
                            "processes, so the run would silently become DDP or N unconnected copies. On CPU launch with "
                            "--multi_gpu (DDP) or a DeepSpeed config; raw FSDP2 on CPU is covered by tests/fsdp2_sync_check.py.")  # fmt: skip
-    if cpu and _launched_with("DEEPSPEED"):  # a C++ extension for inference all-reduce, ~2 min to compile, unused
+    if cpu and deepspeed:  # a C++ extension for inference all-reduce, ~2 min to compile, unused
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1  # by accelerate launch or torchrun
     pg = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=DIST_TIMEOUT)] if launched else []
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=cpu and not sharded,
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=cpu and not deepspeed,
                               step_scheduler_with_optimizer=False, kwargs_handlers=pg)  # fmt: skip
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and accelerator.distributed_type == DistributedType.NO:
         raise RuntimeError(f"{os.environ['WORLD_SIZE']} processes were launched, but accelerate set up no distributed "
@@ -183,12 +182,17 @@ def full_state_dict(model, accelerator: Accelerator):
         yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def sync_weights(llm, model, accelerator: Accelerator) -> None:
-    """Reload the trained weights into this rank's vLLM engine in place, then drop KV blocks cached under the
-    old weights. The worker's `reload_weights` (reached through collective_rpc, in-process) sets vLLM's config
-    context around the model runner's in-place reload; `model.load_weights` fails on the CPU build because the
+def _push_weights(llm, model, accelerator: Accelerator) -> None:
+    """The worker's `reload_weights` (reached through collective_rpc, in-process) sets vLLM's config context
+    around the model runner's in-place reload; `model.load_weights` fails on the CPU build because the
     weights were post-processed at load time."""
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model, accelerator)})
+
+
+def sync_weights(llm, model, accelerator: Accelerator) -> None:
+    """Reload the trained weights into this rank's vLLM engine in place, then drop KV blocks cached under the
+    old weights."""
+    _push_weights(llm, model, accelerator)
     llm.reset_prefix_cache()
 
 
@@ -201,13 +205,12 @@ def vllm_sleep(llm) -> None:
 
 def vllm_wake_and_sync(llm, model, accelerator: Accelerator) -> None:
     """Wake vLLM after `vllm_sleep` with the TRAINED weights, never the discarded ones: weights first, push them,
-    return the update's cached blocks, then the KV cache (verl/workers/sharding_manager/fsdp_vllm.py, __enter__)."""
-    torch.cuda.empty_cache()  # so vLLM can map its weight pool again
+    then the KV cache (verl/workers/sharding_manager/fsdp_vllm.py, __enter__). Each wake_up empties torch's
+    cache itself (vllm/device_allocator/cumem.py, wake_up), so the update's blocks make room; the sleep cleared
+    the prefix cache."""
     llm.wake_up(tags=["weights"])
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model, accelerator)})
-    torch.cuda.empty_cache()  # the gathered full tensors
+    _push_weights(llm, model, accelerator)
     llm.wake_up(tags=["kv_cache"])
-    llm.reset_prefix_cache()
 
 
 # ---- speed and memory (CPU and GPU); each states what it equals ----

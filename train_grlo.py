@@ -597,7 +597,8 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
     """Eq. 2-6 over one rollout batch: `num_minibatches` optimizer steps, `ppo_epochs` times.
 
     Returns (sums of per-token statistics, grad norms). Raises FloatingPointError before an optimizer
-    step whose gradient norm is not finite (all ranks see the same all-reduced norm, so all stop)."""
+    step whose gradient norm is not finite (all ranks see the same all-reduced norm, so all stop); under
+    DeepSpeed just after it, since its engine steps inside backward, and the message says which."""
     device, world = accelerator.device, accelerator.num_processes
     model.train()
     n = len(completion_ids)
@@ -657,7 +658,9 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, pr
             # (DeepSpeed clips inside its engine step and reports the norm it saw)
             grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
             if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm ({grad_norm})")
+                raise FloatingPointError(f"non-finite gradient norm ({grad_norm}); " + (
+                    "DeepSpeed's engine already applied this update inside backward, so the weights in memory are not "
+                    "to be trusted" if systems.steps_inside_backward(accelerator) else "this update was not applied"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -824,14 +827,11 @@ def main(args: Args):
         try:
             sums, grad_norms = train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args, prompt_ids,
                                               completion_ids, sampler_logprobs, advantages, loss_mask_seq, pad_id)  # fmt: skip
-        except FloatingPointError as e:  # raised before optimizer.step(), except under DeepSpeed (it steps in backward)
+        except FloatingPointError as e:  # the message says whether the update was applied (DeepSpeed) or not
             last = (list_checkpoints(args.output_dir) or ["(none)"])[-1]
-            applied = ("DeepSpeed's engine already applied this update inside backward, so the weights in memory are "
-                       "not to be trusted; nothing was saved" if systems.steps_inside_backward(accelerator)
-                       else "this update was not applied and nothing was saved")  # fmt: skip
             raise FloatingPointError(
-                f"step {step + 1}: {e} (rewards/mean {all_rewards.mean():.4g}); {applied}. The last good checkpoint is "
-                f"{last}. Check the rewards, lower --learning-rate or use fp32."
+                f"step {step + 1}: {e}; nothing was saved (rewards/mean {all_rewards.mean():.4g}). The last good "
+                f"checkpoint is {last}. Check the rewards, lower --learning-rate or use fp32."
             ) from None
         t_train = time.time() - t0
 

@@ -2,7 +2,6 @@
 routing, and the reward model against a hand-written forward pass."""
 
 import base64
-import contextlib
 import json
 import os
 import pickle
@@ -132,20 +131,14 @@ def test_math_reward_from_threads():
 
 
 # ---- sandbox ----
+def live(status: dict) -> bool:
+    return not status["State"].strip().startswith("Z")
+
+
 def sandbox_processes(include_zombies: bool = True) -> list[int]:
     """Host pids whose real uid is in the sandbox range: must be empty after every run_python call."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-            uid = int(status["Uid"].split()[0])
-        except (OSError, ValueError, KeyError):
-            continue
-        in_range = sandbox.SANDBOX_UID_BASE <= uid < sandbox.SANDBOX_UID_BASE + sandbox.SANDBOX_UID_SPAN
-        if in_range and (include_zombies or not status["State"].strip().startswith("Z")):
-            pids.append(int(entry))
-    return pids
+    in_range = lambda st: 0 <= int(st["Uid"].split()[0]) - sandbox.SANDBOX_UID_BASE < sandbox.SANDBOX_UID_SPAN  # noqa: E731
+    return sandbox._pids(lambda st: in_range(st) and (include_zombies or live(st)))
 
 
 def attack(code: str, timeout_s: float = 2.0, **kwargs) -> sandbox.ExecResult:
@@ -254,12 +247,7 @@ def new_marker() -> str:
 
 def marked_processes(marker: str) -> list[int]:
     """Live host pids named `marker` (whatever their uid or namespace)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError):
-            if entry.isdigit() and open(f"/proc/{entry}/comm").read().strip() == marker:
-                pids.append(int(entry))
-    return pids
+    return sandbox._pids(lambda st: st["Name"].strip() == marker and live(st))
 
 
 @isolated
@@ -773,7 +761,8 @@ def test_attack_suite_for_an_ordinary_user_and_for_root(uid, mode):
     if uid and not _userns_for(uid):
         pytest.skip("unprivileged user namespaces are disabled here: the sandbox degrades (and says so)")
     env = private_env(uid)
-    before = {p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) == uid}
+    of_uid = lambda st: int(st["Uid"].split()[0]) == uid and live(st)  # noqa: E731
+    before = set(sandbox._pids(of_uid))
     try:
         become = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] if uid else []
         proc = subprocess.run([*become, "env", "-i", f"HOME={env['home']}", "PATH=/usr/bin:/bin", env["python"],
@@ -789,23 +778,12 @@ def test_attack_suite_for_an_ordinary_user_and_for_root(uid, mode):
         assert (env["home"] / ".ssh" / "id_ed25519").read_text().count("GRLOFAKEKEY") == 1
         # nothing left running (a killed namespace init may wait as a zombie for the host's init to reap it)
         if uid:
-            left = {p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) == uid and not _zombie(p)} - before
+            left = set(sandbox._pids(of_uid)) - before
         else:  # root's programs ran under throw-away uids; other root processes come and go meanwhile
             left = set(sandbox_processes(include_zombies=False))
         assert not left, f"processes of uid {uid} outlived the attacks: {sorted(left)}"
     finally:
         shutil.rmtree(env["base"], ignore_errors=True)
-
-
-def _zombie(pid: str) -> bool:
-    with contextlib.suppress(OSError):
-        return any(line.startswith("State:") and "Z" in line for line in open(f"/proc/{pid}/status"))
-    return True  # gone meanwhile
-
-
-def _uid_of(pid: str):
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("Uid:")).split()[1])
 
 
 @isolated
