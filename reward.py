@@ -40,11 +40,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForSequenceClassification, AutoTokenizer
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import sandbox
+import systems
 from sandbox import run_python
 
 logger = logging.getLogger(__name__)
@@ -54,72 +53,69 @@ CODE_TIMEOUT_S = 10.0  # wall-clock bound per sandboxed process in compute_rewar
 EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
 
+# ---- 0. rows: the official GRLO format that compute_rewards routes on ----
+# The common Qwen evaluation phrasing for math; train_rlvr.py appends it to problems mapped from hub columns and
+# evaluate.py to its math benchmarks.
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def to_row(obj, where: str) -> dict:
+    """Validate one record into the official format; `where` ("file:line") goes into every error."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "prompt" in obj and isinstance(obj["prompt"], str):
+        messages = [{"role": "user", "content": obj["prompt"]}]
+    elif "prompt" in obj:
+        messages = obj["prompt"]
+    elif "messages" in obj:  # chat datasets: keep the conversation up to the last user turn
+        messages = list(obj["messages"])
+        while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            messages.pop()
+    else:
+        raise ValueError(f"{where}: field 'prompt' is missing (expected a list of chat messages, or 'messages')")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: field 'prompt' must be a non-empty list of {{role, content}} messages")
+    for k, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: field 'prompt[{k}]' must be {{'role': str, 'content': str}}, got {m!r:.80}")
+    rm = obj.get("reward_model") or {"style": "model", "ground_truth": ""}
+    if not isinstance(rm, dict) or rm.get("style") not in ("model", "rule"):
+        raise ValueError(f"{where}: field 'reward_model.style' must be 'model' or 'rule', got {rm!r:.80}")
+    if rm["style"] == "rule" and rm.get("ground_truth") in (None, ""):
+        raise ValueError(f"{where}: field 'reward_model.ground_truth' is empty, but style 'rule' is verified against it")
+    return {**obj, "prompt": messages, "reward_model": rm, "ability": obj.get("ability", "general")}
+
+
+def read_records(dataset: str, split: str = "train"):
+    """Yield ("file:line", record) from a local .jsonl/.json/.parquet or a hub dataset, naming bad lines."""
+    if os.path.exists(dataset) and dataset.endswith(".jsonl"):
+        with open(dataset) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{dataset}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+                yield f"{dataset}:{n}", obj
+        return
+    import datasets  # only needed for hub ids, .json and .parquet
+
+    if os.path.exists(dataset):
+        kind = "parquet" if dataset.endswith(".parquet") else "json"
+        ds = datasets.load_dataset(kind, data_files=dataset, split="train")
+    else:
+        ds = datasets.load_dataset(dataset, split=split)
+    for n, obj in enumerate(ds):
+        yield f"{dataset}:row {n}", obj
+
+
+def load_rows(dataset: str, split: str = "train", to_row=to_row) -> list:
+    """Validated rows in the official GRLO format; `to_row(record, "file:line")` maps and checks each record."""
+    return [to_row(obj, where) for where, obj in read_records(dataset, split)]
+
+
 # ---- 1. reward model (Skywork-Reward-V2 convention, CONTEXT.md) ----
-def shared_prefix_mask(seg: torch.Tensor) -> torch.Tensor:
-    """(B, 1, L, L) boolean attention mask for rows that pack one shared prefix and several continuations
-    (train_grlo eq. 8). seg (B, L): 0 on the prefix, k + 1 on continuation k, -1 on padding. A token sees
-    the prefix and the earlier tokens of its own continuation only; every row also sees itself, because a
-    fully masked row (padding) would give NaN. Used by RewardModel(share_prefix=True) and train_grlo.collate."""
-    L = seg.shape[1]
-    q, kv = seg[:, :, None], seg[:, None, :]
-    mask = torch.ones(L, L, dtype=torch.bool).tril() & (kv >= 0) & ((kv == 0) | (kv == q))
-    return (mask | torch.eye(L, dtype=torch.bool))[:, None]
-
-
-SHARED_PREFIX_ATTENTION = "grlo_shared_prefix"  # registered below; set with model.set_attn_implementation
-
-
-def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                            shared_prefix_slots=None, **kwargs):  # fmt: skip
-    """sdpa for rows laid out as [prefix: P columns | S slots of C columns] under shared_prefix_mask.
-
-    That mask is False everywhere except three kinds of blocks: prefix x prefix, slot k x prefix and slot k x
-    slot k. sdpa with the whole (L, L) mask still scores every pair, about 3x the needed work for 4 slots of
-    64 tokens after a 47-token prompt. Here the prefix and the slots get one sdpa call each, a slot's queries
-    attending over P + C keys (its row's prefix, then itself) instead of L, so only the skipped, fully masked
-    blocks differ from plain sdpa, and they contributed nothing. The caller passes shared_prefix_slots=(S, C)
-    to the model's forward; any forward without it (HF generate, a 2-D mask) is plain sdpa.
-    query (B, H, L, D); key, value (B, H_kv, L, D); attention_mask (B, 1, L, L) bool. Returns (B, L, H, D)."""
-    if shared_prefix_slots is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    S, C = shared_prefix_slots
-    B, H, L, D = query.shape
-    P = L - S * C
-    key, value = repeat_kv(key, H // key.shape[1]), repeat_kv(value, H // value.shape[1])  # GQA: one per head
-    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling,
-                             dropout_p=dropout if module.training else 0.0)  # fmt: skip
-    mask = attention_mask[:, 0]  # (B, L, L)
-    out_prefix = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], attn_mask=mask[:, None, :P, :P])  # (B, H, P, D)
-
-    def by_slot(x):  # (B, H, L, D) -> (B*S, H, C, D): slot k of row b becomes row b*S + k
-        return x[:, :, P:].unflatten(2, (S, C)).transpose(1, 2).flatten(0, 1)
-
-    def prefix_then_slot(x):  # (B, H, L, D) -> (B*S, H, P + C, D)
-        prefix = x[:, None, :, :P].expand(B, S, H, P, D).flatten(0, 1)
-        return torch.cat([prefix, by_slot(x)], dim=2)
-
-    rows = mask[:, P:].unflatten(1, (S, C))  # (B, S, C, L): the mask rows of slot k's queries
-    own = rows[..., P:].unflatten(-1, (S, C)).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, S, C, C): k x k
-    slot_mask = torch.cat([rows[..., :P], own], dim=-1).flatten(0, 1)[:, None]  # (B*S, 1, C, P + C)
-    out = sdpa(by_slot(query), prefix_then_slot(key), prefix_then_slot(value), attn_mask=slot_mask)  # (B*S, H, C, D)
-    out = out.unflatten(0, (B, S)).transpose(1, 2).flatten(2, 3)  # (B, H, S*C, D)
-    return torch.cat([out_prefix, out], dim=2).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)  # 2-D masks: built as for sdpa
-
-
-def use_shared_prefix_attention(model, name: str) -> None:
-    """Switch a model loaded with sdpa attention to shared_prefix_attention, for eq. 8 rows (the policy and
-    reference in train_grlo/train_rlvr, RewardModel(share_prefix=True)). Other attentions would misread the
-    bool mask (eager adds it as 0/1), so they are refused, naming the model."""
-    if model.config._attn_implementation not in ("sdpa", SHARED_PREFIX_ATTENTION):
-        raise ValueError(f"{name}: the shared prompt (eq. 8) needs sdpa attention, the model uses "
-                         f"{model.config._attn_implementation!r}: use --no-share-prompt")  # fmt: skip
-    model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
-
-
 class RewardModel:
     """A sequence-classification RM with num_labels=1. Each Accelerate rank scores its own samples."""
 
@@ -135,7 +131,7 @@ class RewardModel:
         if not hasattr(self.model, "score"):
             raise ValueError(f"{type(self.model).__name__}: expected a `score` head (Llama/Qwen/Mistral/Gemma RMs)")
         if share_prefix:
-            use_shared_prefix_attention(self.model, name_or_path)
+            systems.use_shared_prefix_attention(self.model, name_or_path)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.share_prefix = share_prefix
         # Pads sit after the last real token (right padding) and are masked, so their id never matters.
@@ -214,10 +210,10 @@ class RewardModel:
     def _score_shared(self, backbone, prompts: list, encoded: list) -> list[float]:
         """score() with share_prefix: consecutive samples with the same prompt (a GRPO group) go in one row,
         their common token prefix once, then each sample's remaining tokens in a slot of its own (the layout
-        of train_grlo.collate). As in its eq. 8, the positions of every suffix continue from the prefix's end
-        and the mask lets a token see the prefix and the earlier tokens of its own suffix only, so each sample
-        is pooled (at its last token) from exactly the hidden state its own row would give, for one forward of
-        the shared prompt per group; shared_prefix_attention skips the masked blocks."""
+        of systems.collate). As there, the positions of every suffix continue from the prefix's end and the
+        mask lets a token see the prefix and the earlier tokens of its own suffix only, so each sample is pooled
+        (at its last token) from exactly the hidden state its own row would give, for one forward of the shared
+        prompt per group; systems.shared_prefix_attention skips the masked blocks."""
         groups = []  # lists of sample indices sharing a prompt
         for i in range(len(encoded)):
             if groups and prompts[i] == prompts[groups[-1][0]]:
@@ -239,7 +235,7 @@ class RewardModel:
             while end < len(rows) and n + len(rows[end][1]) <= self.batch_size:
                 n, end = n + len(rows[end][1]), end + 1
             batch, start = rows[start:end], end
-            # the layout of train_grlo.collate: prefix left-padded to P columns, then S slots of C columns
+            # the layout of systems.collate: prefix left-padded to P columns, then S slots of C columns
             P, S = max(len(r[0]) for r in batch), max(len(r[1]) for r in batch)
             C = max(len(s) for r in batch for _, s in r[1])
             input_ids = torch.full((len(batch), P + S * C), self.pad_id, dtype=torch.long)
@@ -254,7 +250,7 @@ class RewardModel:
                     input_ids[b, c : c + len(suffix)], seg[b, c : c + len(suffix)] = torch.tensor(suffix), k + 1
                     pos[b, c : c + len(suffix)] = torch.arange(n, n + len(suffix))
                     where.append((b, c + len(suffix) - 1, i))
-            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=shared_prefix_mask(seg).to(self.device),
+            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=systems.shared_prefix_mask(seg).to(self.device),
                               position_ids=pos.to(self.device), shared_prefix_slots=(S, C)).last_hidden_state  # fmt: skip
             pooled = hidden[[b for b, _, _ in where], [col for _, col, _ in where]]  # (n, H)
             for (_, _, i), value in zip(where, self.model.score(pooled)[:, 0].float().tolist()):

@@ -76,11 +76,11 @@ def rollout_bench(args: Args, paths: dict):
     from vllm import LLM
 
     tok = AutoTokenizer.from_pretrained(paths["policy"])
-    rows = tg.load_rows(os.path.join(ROOT, "data", "open_prompts.jsonl"))[: args.num_prompts]
+    rows = reward.load_rows(os.path.join(ROOT, "data", "open_prompts.jsonl"))[: args.num_prompts]
     _, prompt_ids, _ = tg.tokenize_prompts(rows, tok, 256)
     prompts = [p for p in prompt_ids for _ in range(args.num_generations)]
     run = tg.Args(max_new_tokens=args.max_new_tokens, temperature=1.0)
-    eos = tg.eos_token_ids(tok, paths["policy"])
+    eos = systems.eos_token_ids(tok, paths["policy"])
     t = time.perf_counter()
     llm = LLM(model=paths["policy"], dtype=args.rollout_dtype, enforce_eager=not args.vllm_compiled, seed=0, max_model_len=512,
               kv_cache_memory_bytes=2**30, logprobs_mode="processed_logprobs")  # fmt: skip

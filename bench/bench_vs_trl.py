@@ -9,7 +9,7 @@ Four runs, each in its own subprocess (so memory is per run), on SmolLM2-135M + 
 and, on request only, trl-vllm-patched: trl-vllm with ONE change, its weight sync. vLLM's CPU build packs every
 linear weight for oneDNN at load time and leaves an empty Parameter without a `weight_loader`, so TRL's in-place
 `model.load_weights` cannot work there; the patch reloads the full state_dict with `model_runner.reload_weights`,
-as train_grlo.sync_weights does. It shows what TRL's colocate mode would cost if its sync worked on CPU; it is
+as systems.sync_weights does. It shows what TRL's colocate mode would cost if its sync worked on CPU; it is
 compared on its own line and never counted as "TRL's best mode".
 Two more runs on request isolate our allocator setting (systems.keep_freed_memory, on by default on CPU):
   ours-vllm-glibc  ours with --no-keep-freed-memory (glibc's default malloc behaviour, as TRL runs)
@@ -117,7 +117,7 @@ def preset(paths: dict) -> tg.Args:
 def prompt_rows(p: tg.Args) -> list:
     """The prompts ours keeps (its --max-prompt-length filter), so TRL trains on the same pool."""
     tokenizer = tg.AutoTokenizer.from_pretrained(p.model)
-    return tg.tokenize_prompts(tg.load_rows(p.dataset, p.dataset_split), tokenizer, p.max_prompt_length)[0]
+    return tg.tokenize_prompts(reward.load_rows(p.dataset, p.dataset_split), tokenizer, p.max_prompt_length)[0]
 
 
 def trl_config(p: tg.Args, steps: int, output_dir: str, use_vllm: bool, grad_accum: int):

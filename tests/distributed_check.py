@@ -34,10 +34,10 @@ def report(out: dict) -> None:
 
 def vllm_error(llm, model, accelerator, prompts, args):
     """Largest |vLLM log-prob - trainer log-prob| over the tokens vLLM samples for `prompts`."""
-    ids, lps, _ = tg.generate_vllm(llm, prompts, list(range(len(prompts))), args, [], show_progress=False)
-    b = tg.collate(list(range(len(prompts))), prompts, ids, 0, accelerator.device)
+    ids, lps, _ = systems.generate_vllm(llm, prompts, list(range(len(prompts))), [], temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens)
+    b = systems.collate(list(range(len(prompts))), prompts, ids, 0, accelerator.device)
     with torch.no_grad():
-        hf, _ = tg.completion_logprobs(model, b, args.temperature)
+        hf, _ = systems.completion_logprobs(model, b, args.temperature)
     return max((hf[i, : len(ids[i])] - torch.tensor(lps[i])).abs().max().item() for i in range(len(prompts)))
 
 
@@ -46,8 +46,7 @@ def main(policy: str, rm_path: str):
 
     args = tg.Args(model=policy, reward_model=rm_path, max_prompt_length=32, max_new_tokens=12, num_generations=2,
                    prompts_per_step=4, num_minibatches=2, token_budget=16, learning_rate=1e-2, lr_scheduler="linear",
-                   warmup_steps=1, max_grad_norm=0.5, kl_coef=0.05, gradient_checkpointing=False, dtype="float32",
-                   vllm_cpu_kv_cache_gb=0.1)  # fmt: skip
+                   warmup_steps=1, max_grad_norm=0.5, kl_coef=0.05, gradient_checkpointing=False, dtype="float32")  # fmt: skip
     acc = systems.make_accelerator(use_bf16=False, max_grad_norm=args.max_grad_norm)
     rank = acc.process_index
     out = {"rank": rank, "backend": systems.backend(acc)}
@@ -93,7 +92,7 @@ def main(policy: str, rm_path: str):
     out["rollout_forwards"] = forwards[0]
 
     # weight sync: the engine starts from the checkpoint on disk; the trainer has moved since
-    llm = tg.build_vllm(args, acc, torch.float32)
+    llm = systems.build_vllm(policy, torch.float32, args.seed + rank, 44, acc, 0.3, False)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     out["vllm_error_before_sync"] = vllm_error(llm, model, acc, prompts, args)
     systems.sync_weights(llm, model, acc)

@@ -14,7 +14,6 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import systems  # noqa: E402
-import train_grlo as tg  # noqa: E402
 
 
 class _Unsharded:  # what full_state_dict needs from an Accelerator: no DeepSpeed, identity unwrap
@@ -53,12 +52,11 @@ def main(policy: str):
     assert gathered.keys() == want.keys(), set(gathered) ^ set(want)
     assert all(torch.equal(gathered[k], want[k]) for k in want), "gathered weights differ"
     systems.sync_weights(llm, model, _Unsharded())
-    args = tg.Args(max_new_tokens=12, temperature=1.0)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    ids, lps, _ = tg.generate_vllm(llm, prompts, [rank, rank + 7], args, eos_ids=[], show_progress=False)
-    batch = tg.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
+    ids, lps, _ = systems.generate_vllm(llm, prompts, [rank, rank + 7], [], temperature=1.0, top_p=1.0, max_new_tokens=12)
+    batch = systems.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
     with torch.no_grad():
-        hf, _ = tg.completion_logprobs(reference, batch, temperature=1.0)
+        hf, _ = systems.completion_logprobs(reference, batch, temperature=1.0)
     err = max((hf[i, : len(ids[i])] - torch.tensor(lps[i])).abs().max().item() for i in range(2))
     assert err < 1e-4, f"rank {rank}: vLLM vs trainer log-prob error {err} after the FSDP2 sync"
     print(f"rank {rank}: FSDP2 sync OK, max log-prob error {err:.2e}", flush=True)

@@ -37,11 +37,11 @@ def test_gold_answers_score_100_and_wrong_answers_0(tmp_path):
         for q, a in (("What is 1/2 + 1/4?", "\\frac{3}{4}"), ("Solve x^2 = 4 for x > 0.", "2"))
     ])  # fmt: skip
     gold, wrong = [], []
-    for i, row in enumerate(tg.load_rows(os.path.join(ROOT, "data", "arith_test.jsonl"))):
+    for i, row in enumerate(reward.load_rows(os.path.join(ROOT, "data", "arith_test.jsonl"))):
         answer = int(row["reward_model"]["ground_truth"])
         gold.append({"benchmark": "arith_test", "index": i, "response": f"Step by step ... so \\boxed{{{answer}}}."})
         wrong.append({"benchmark": "arith_test", "index": i, "response": f"\\boxed{{{answer + 1}}}"})
-    code_rows = tg.load_rows(os.path.join(ROOT, "data", "code_tasks.jsonl"))
+    code_rows = reward.load_rows(os.path.join(ROOT, "data", "code_tasks.jsonl"))
     for line in open(os.path.join(ROOT, "data", "code_tasks_solutions.jsonl")):
         s = json.loads(line)
         gold.append({"benchmark": "code_tasks", "index": s["index"], "response": s["solution"]})
@@ -164,7 +164,7 @@ def test_hub_loader_maps_fields_and_scores_gold(name, monkeypatch):
     bench, spec, rows, info = ev.load_benchmark(name, 0)
     assert calls[0]["hub"] == ev.BENCHMARKS[name]["hub"] and info["hub"] == ev.BENCHMARKS[name]["hub"] and info["revision"] == "main"
     assert len(rows) == len(records) and must_contain in rows[0]["prompt"][0]["content"]
-    instruction = {"math": ev.MATH_INSTRUCTION, "code": "```python"}.get(spec["domain"], "")
+    instruction = {"math": reward.MATH_INSTRUCTION, "code": "```python"}.get(spec["domain"], "")
     assert all(instruction in r["prompt"][0]["content"] for r in rows)
     assert all(r["reward_model"]["style"] == "rule" and isinstance(r["reward_model"]["ground_truth"], str) for r in rows)
     for answers, expected in ((gold, 1.0), (wrong, 0.0)):

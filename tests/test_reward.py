@@ -635,11 +635,11 @@ def test_shared_prefix_attention_equals_sdpa_with_the_whole_mask():
         seg[0, P + k * C : P + k * C + n] = k + 1
     for k, n in enumerate((4, 1)):  # row 1: two samples, its third slot stays empty
         seg[1, P + k * C : P + k * C + n] = k + 1
-    mask = reward.shared_prefix_mask(seg)
+    mask = systems.shared_prefix_mask(seg)
     q = torch.randn(2, 4, P + S * C, 8, requires_grad=True)
     kv = [torch.randn(2, 2, P + S * C, 8, requires_grad=True) for _ in range(2)]
     outs, grads = [], []
-    for fn, extra in ((sdpa_attention_forward, {}), (reward.shared_prefix_attention, {"shared_prefix_slots": (S, C)})):
+    for fn, extra in ((sdpa_attention_forward, {}), (systems.shared_prefix_attention, {"shared_prefix_slots": (S, C)})):
         out, _ = fn(Attn(), q, *kv, mask, scaling=0.3, **extra)
         weights = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
         outs.append(out.detach())
@@ -655,10 +655,10 @@ def test_shared_prefix_attention_refuses_attention_that_misreads_the_mask(tiny_m
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], attn_implementation="eager")
     with pytest.raises(ValueError, match=r"tiny-qwen3: the shared prompt \(eq. 8\) needs sdpa attention, the model uses 'eager'"):
-        reward.use_shared_prefix_attention(model, "tiny-qwen3")
+        systems.use_shared_prefix_attention(model, "tiny-qwen3")
     model.set_attn_implementation("sdpa")
-    reward.use_shared_prefix_attention(model, "tiny-qwen3")
-    assert model.config._attn_implementation == reward.SHARED_PREFIX_ATTENTION
+    systems.use_shared_prefix_attention(model, "tiny-qwen3")
+    assert model.config._attn_implementation == systems.SHARED_PREFIX_ATTENTION
 
 
 def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, sdpa_calls):
@@ -670,7 +670,7 @@ def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, sdpa_
     responses = (["First.", "First, heat the pan. " * 5, "Second", ""] + ["hi"]
                  + ["3 apples", "so \\boxed{7}. " * 3, "7", "seven apples"] + ["", "go"] + ["Because.", "Because therefore."])  # fmt: skip
     want = rm.score(prompts, responses)
-    assert shared.model.config._attn_implementation == reward.SHARED_PREFIX_ATTENTION
+    assert shared.model.config._attn_implementation == systems.SHARED_PREFIX_ATTENTION
     sdpa_calls.clear()
     got = shared.score(prompts, responses)
     assert got == pytest.approx(want, abs=1e-4)

@@ -158,7 +158,7 @@ def test_stops_on_the_chat_templates_turn_end_when_eos_is_the_document_end(tmp_p
     gen.eos_token_id = [tok.convert_tokens_to_ids("<|endoftext|>")]
     gen.save_pretrained(str(base))
     assert tok.eos_token == "<|endoftext|>"
-    assert tg.eos_token_ids(tok, str(base)) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+    assert systems.eos_token_ids(tok, str(base)) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
 
 
 def test_bf16_logits_are_not_copied_to_fp32(tiny_models):

@@ -21,10 +21,15 @@ def args_for(**kw):
     return tg.Args(**kw)
 
 
+def sampling(a) -> dict:
+    """The sampling settings the stages pass to systems.generate_vllm / generate_hf."""
+    return dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
+
+
 # ---- data ----
 @pytest.mark.skipif(not os.path.exists(OFFICIAL), reason="shared/ sample not beside the repo")
 def test_official_jsonl_loads_unchanged():
-    rows = tg.load_rows(OFFICIAL)
+    rows = reward.load_rows(OFFICIAL)
     raw = [json.loads(line) for line in open(OFFICIAL)]
     assert len(rows) == len(raw) == 50
     assert rows == raw  # already in the official format: nothing added, nothing changed
@@ -32,7 +37,7 @@ def test_official_jsonl_loads_unchanged():
 
 def test_bundled_data_loads():
     for name in ("open_prompts", "arith_train", "arith_test", "code_tasks"):
-        rows = tg.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))
+        rows = reward.load_rows(os.path.join(ROOT, "data", f"{name}.jsonl"))
         assert rows and all(r["reward_model"]["style"] in ("model", "rule") for r in rows)
 
 
@@ -51,7 +56,7 @@ def test_bad_file_names_file_line_and_field(tmp_path, line, field):
     good = json.dumps({"prompt": [{"role": "user", "content": "fine"}]})
     path.write_text(good + "\n" + good + "\n" + line + "\n")
     with pytest.raises(ValueError) as e:
-        tg.load_rows(str(path))
+        reward.load_rows(str(path))
     assert f"{path}:3" in str(e.value) and field in str(e.value)
 
 
@@ -59,7 +64,7 @@ def test_messages_and_string_prompt_columns(tmp_path):
     path = tmp_path / "chat.jsonl"
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "plain"}) + "\n")
-    rows = tg.load_rows(str(path))
+    rows = reward.load_rows(str(path))
     assert rows[0]["prompt"] == msgs[:1]  # the answer is not part of the prompt
     assert rows[1]["prompt"] == [{"role": "user", "content": "plain"}]
     assert rows[0]["reward_model"]["style"] == "model"
@@ -70,7 +75,7 @@ def test_hub_style_parquet(tmp_path):
 
     ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": f"p{i}"}]} for i in range(3)])
     ds.to_parquet(str(tmp_path / "d.parquet"))
-    rows = tg.load_rows(str(tmp_path / "d.parquet"))
+    rows = reward.load_rows(str(tmp_path / "d.parquet"))
     assert [r["prompt"][0]["content"] for r in rows] == ["p0", "p1", "p2"]
 
 
@@ -132,15 +137,21 @@ def test_advantages_hand_computed():
     torch.testing.assert_close(batch, none / 2)
 
 
-def test_overlong_penalty_is_linear_in_the_buffer():
-    pen = tg.overlong_penalty(torch.tensor([10, 96, 112, 128]), max_new_tokens=128, buffer=32, penalty=1.0)
-    torch.testing.assert_close(pen, torch.tensor([0.0, 0.0, -0.5, -1.0]))
+def test_shape_rewards_overlong_penalty_is_linear_in_the_buffer_and_mask_drops_truncated():
+    scores, completions, truncated = torch.ones(4), [[7] * n for n in (10, 96, 112, 128)], [False, False, False, True]
+    a = args_for(overlong="penalty", max_new_tokens=128, overlong_buffer=32, overlong_penalty=1.0)
+    rewards, mask = tg.shape_rewards(scores, completions, truncated, a)
+    torch.testing.assert_close(rewards, torch.tensor([1.0, 1.0, 0.5, 0.0]))
+    torch.testing.assert_close(mask, torch.ones(4))
+    rewards, mask = tg.shape_rewards(scores, completions, truncated, args_for(overlong="mask"))
+    torch.testing.assert_close(rewards, scores)
+    torch.testing.assert_close(mask, torch.tensor([1.0, 1.0, 1.0, 0.0]))
 
 
 # ---- loss ----
 def test_policy_loss_on_policy_is_minus_advantage():
     lp = torch.log(torch.tensor([[0.5, 0.25]]))
-    per_token, stats = tg.policy_loss(lp, lp.clone(), torch.tensor([2.0]), torch.ones(1, 2), args_for())
+    per_token, stats = tg.policy_loss(lp, lp.clone(), torch.tensor([2.0]), args_for())
     torch.testing.assert_close(per_token, torch.tensor([[-2.0, -2.0]]))
     assert stats["clipfrac"].sum() == 0
 
@@ -149,9 +160,9 @@ def test_policy_loss_clips_like_ppo():
     old = torch.zeros(1, 2)
     new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
     a = args_for(clip_eps_low=0.2, clip_eps_high=0.28)
-    pos, stats = tg.policy_loss(new, old, torch.tensor([1.0]), torch.ones(1, 2), a)
+    pos, stats = tg.policy_loss(new, old, torch.tensor([1.0]), a)
     torch.testing.assert_close(pos, torch.tensor([[-1.28, -0.5]]))  # A>0: upside clipped at 1+eps_high
-    neg, _ = tg.policy_loss(new, old, torch.tensor([-1.0]), torch.ones(1, 2), a)
+    neg, _ = tg.policy_loss(new, old, torch.tensor([-1.0]), a)
     torch.testing.assert_close(neg, torch.tensor([[1.5, 0.8]]))  # A<0: downside clipped at 1-eps_low
     assert stats["clipfrac"].tolist() == [[1.0, 1.0]]
 
@@ -161,20 +172,20 @@ def test_k3_kl_nonnegative_and_zero_at_reference():
     lp = torch.randn(4, 7)
     for ref, expect_zero in ((lp.clone(), True), (torch.randn(4, 7), False)):
         a = args_for(kl_coef=1.0, kl_estimator="k3")
-        _, stats = tg.policy_loss(lp, lp.detach(), torch.zeros(4), torch.ones(4, 7), a, ref_logprobs=ref)
+        _, stats = tg.policy_loss(lp, lp.detach(), torch.zeros(4), a, ref_logprobs=ref)
         assert torch.all(stats["kl"] >= 0)
         assert (stats["kl"].abs().max() == 0) == expect_zero
-    _, k1 = tg.policy_loss(lp, lp, torch.zeros(4), torch.ones(4, 7), args_for(kl_coef=1.0, kl_estimator="k1"), ref_logprobs=lp - 0.5)
+    _, k1 = tg.policy_loss(lp, lp, torch.zeros(4), args_for(kl_coef=1.0, kl_estimator="k1"), ref_logprobs=lp - 0.5)
     torch.testing.assert_close(k1["kl"], torch.full((4, 7), 0.5))
 
 
 def test_tis_weight_is_capped_ratio_to_sampler():
     old = torch.zeros(1, 3)
     sampler = torch.log(torch.tensor([[1.0, 0.5, 0.1]]))  # trainer/sampler ratios 1, 2, 10
-    per_token, stats = tg.policy_loss(old, old, torch.tensor([1.0]), torch.ones(1, 3), args_for(tis_cap=2.0), sampler_logprobs=sampler)
+    per_token, stats = tg.policy_loss(old, old, torch.tensor([1.0]), args_for(tis_cap=2.0), sampler_logprobs=sampler)
     torch.testing.assert_close(stats["tis_weight"], torch.tensor([[1.0, 2.0, 2.0]]))
     torch.testing.assert_close(per_token, torch.tensor([[-1.0, -2.0, -2.0]]))
-    _, off = tg.policy_loss(old, old, torch.tensor([1.0]), torch.ones(1, 3), args_for(tis_cap=0.0), sampler_logprobs=sampler)
+    _, off = tg.policy_loss(old, old, torch.tensor([1.0]), args_for(tis_cap=0.0), sampler_logprobs=sampler)
     assert "tis_weight" not in off
 
 
@@ -195,7 +206,7 @@ def test_loss_aggregation_modes_follow_their_equations():
 # ---- batching and log-probs ----
 def test_collate_masks_exclude_prompt_and_pad_tokens():
     prompts, comps = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9, 2]]
-    b = tg.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
+    b = systems.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
     assert b["input_ids"].tolist() == [[5, 6, 7, 1, 2, 0, 0], [0, 0, 8, 3, 4, 9, 2]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]
     assert b["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
@@ -208,7 +219,7 @@ def test_microbatches_cover_every_sample_once_within_budget():
     rng = random.Random(0)
     prompts = [[1] * rng.randint(1, 40) for _ in range(50)]
     comps = [[1] * rng.randint(1, 60) for _ in range(50)]
-    batches = tg.make_microbatches(prompts, comps, token_budget=300)
+    batches = systems.make_microbatches(prompts, comps, token_budget=300)
     assert sorted(i for b in batches for i in b) == list(range(50))
     for b in batches:
         width = max(len(prompts[i]) for i in b) + max(len(comps[i]) for i in b)
@@ -217,7 +228,7 @@ def test_microbatches_cover_every_sample_once_within_budget():
 
 def test_shared_prompt_row_layout_positions_and_mask():
     """Eq. 8 by hand: prompt [5, 6], completions [1, 2] and [3] -> one row [5, 6 | 1, 2 | 3, pad]."""
-    b = tg.collate([0, 1], [[5, 6], [5, 6]], [[1, 2], [3]], pad_id=0, device="cpu", group_size=2)
+    b = systems.collate([0, 1], [[5, 6], [5, 6]], [[1, 2], [3]], pad_id=0, device="cpu", group_size=2)
     assert b["input_ids"].tolist() == [[5, 6, 1, 2, 3, 0]]
     assert b["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 2]  # the second completion restarts after the prompt
     assert b["logits_keep"].tolist() == [1, 2, 1, 4]  # the first token of each slot is predicted at the prompt's end
@@ -235,7 +246,7 @@ def test_shared_prompt_row_layout_positions_and_mask():
 def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, sdpa_calls):
     """One row per group (eq. 8) against one row per sample: same log-probs, entropies and gradients,
     also for a group cut short by a mini-batch boundary, with fewer tokens forwarded; with sdpa over the
-    whole mask and with reward.shared_prefix_attention (what main sets), whose block-wise path must run."""
+    whole mask and with systems.shared_prefix_attention (what main sets), whose block-wise path must run."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -246,12 +257,12 @@ def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, sdpa_c
     comps = [torch.randint(3, V, (n,)).tolist() for n in (4, 6, 1, 5, 3, 3, 3, 2, 7, 6, 5, 4)]
     for indices in (list(range(3 * G)), [1, 2, 3, 4, 5, 9, 10]):
         results = []
-        for group_size, attention in ((1, "sdpa"), (G, "sdpa"), (G, reward.SHARED_PREFIX_ATTENTION)):
+        for group_size, attention in ((1, "sdpa"), (G, "sdpa"), (G, systems.SHARED_PREFIX_ATTENTION)):
             model.set_attn_implementation(attention)
             model.zero_grad()
             sdpa_calls.clear()
-            b = tg.collate(indices, prompt_ids, comps, pad_id=0, device="cpu", group_size=group_size)
-            lp, ent = tg.completion_logprobs(model, b, temperature=0.7)
+            b = systems.collate(indices, prompt_ids, comps, pad_id=0, device="cpu", group_size=group_size)
+            lp, ent = systems.completion_logprobs(model, b, temperature=0.7)
             m = b["completion_mask"]
             ((lp * m).sum() + (ent * m).sum()).backward()
             grads = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -274,7 +285,7 @@ def test_shared_prompt_microbatches_keep_groups_whole_within_budget():
     prompts = [[k] * rng.randint(1, 40) for k in range(n_groups)]
     prompt_ids = [prompts[i // G] for i in range(n_groups * G)]
     comps = [[1] * rng.randint(1, 30) for _ in range(n_groups * G)]
-    batches = tg.make_microbatches(prompt_ids, comps, token_budget=400, group_size=G)
+    batches = systems.make_microbatches(prompt_ids, comps, token_budget=400, group_size=G)
     assert sorted(i for b in batches for i in b) == list(range(n_groups * G))
     for b in batches:
         assert all(set(range(i - i % G, i - i % G + G)) <= set(b) for i in b)  # whole groups only
@@ -288,8 +299,8 @@ def test_completion_logprobs_match_a_plain_log_softmax(tiny_models):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
     prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
-    b = tg.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
-    lp, ent = tg.completion_logprobs(model, b, temperature=0.7, chunk_tokens=2)
+    b = systems.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
+    lp, ent = systems.completion_logprobs(model, b, temperature=0.7, chunk_tokens=2)
     for row in range(2):  # reference: each sequence alone, no padding, full-vocab log_softmax
         ids = torch.tensor([prompts[row] + comps[row]])
         with torch.no_grad():
@@ -366,7 +377,7 @@ def test_eos_ids_include_tokenizer_and_generation_config(tiny_models):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
-    ids = tg.eos_token_ids(tok, tiny_models["policy"])
+    ids = systems.eos_token_ids(tok, tiny_models["policy"])
     assert set(ids) == {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
 
 
@@ -374,14 +385,14 @@ def test_eos_ids_include_tokenizer_and_generation_config(tiny_models):
 def test_vllm_stops_on_every_eos_id_and_is_seeded(tiny_llm):
     a = args_for(max_new_tokens=12, temperature=1.0)
     prompt = [[5, 6, 7, 8]]
-    ids, lps, trunc = tg.generate_vllm(tiny_llm, prompt * 2, [11, 11], a, eos_ids=[], show_progress=False)
+    ids, lps, trunc = systems.generate_vllm(tiny_llm, prompt * 2, [11, 11], [], **sampling(a))
     assert ids[0] == ids[1] and len(ids[0]) == 12 and trunc == [True, True]  # same seed, same sample
     assert len(lps[0]) == len(ids[0])
-    other, _, _ = tg.generate_vllm(tiny_llm, prompt, [12], a, eos_ids=[], show_progress=False)
+    other, _, _ = systems.generate_vllm(tiny_llm, prompt, [12], [], **sampling(a))
     assert other[0] != ids[0]
     for k in (2, 5):  # declare the k-th sampled token a second EOS id: it must stop generation too
         eos = [2, ids[0][k]]
-        stop_ids, _, stop_trunc = tg.generate_vllm(tiny_llm, prompt, [11], a, eos_ids=eos, show_progress=False)
+        stop_ids, _, stop_trunc = systems.generate_vllm(tiny_llm, prompt, [11], eos, **sampling(a))
         first = next(j for j, t in enumerate(ids[0]) if t in eos)
         assert stop_ids[0] == ids[0][: first + 1] and stop_trunc == [False]  # EOS kept, then stop
 
@@ -390,7 +401,7 @@ def test_vllm_seeded_long_prompts_prefill_whole(tiny_llm):
     # regression: vLLM 0.32 CPU raised "CPU Generator does not use offset" when seeded requests were
     # prefilled in chunks (64 prompts of ~300 tokens exceed one 4096-token batch); build_vllm prevents it
     prompts = [[5 + i % 50] * (300 + i) for i in range(64)]
-    ids, lps, _ = tg.generate_vllm(tiny_llm, prompts, list(range(64)), args_for(max_new_tokens=4), [], show_progress=False)
+    ids, lps, _ = systems.generate_vllm(tiny_llm, prompts, list(range(64)), [], **sampling(args_for(max_new_tokens=4)))
     assert len(ids) == 64 and all(1 <= len(x) <= 4 and len(lp) == len(x) for x, lp in zip(ids, lps))
 
 
@@ -399,12 +410,12 @@ def test_hf_fallback_stops_on_every_eos_id(tiny_models):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
     a = args_for(max_new_tokens=10)
-    ids, lps, trunc = tg.generate_hf(model, [[5, 6, 7], [5, 6]], seed=3, args=a, eos_ids=[], pad_id=0)
+    ids, lps, trunc = systems.generate_hf(model, [[5, 6, 7], [5, 6]], 3, [], 0, **sampling(a))
     assert lps is None and all(len(x) == 10 for x in ids) and trunc == [True, True]
-    again, _, _ = tg.generate_hf(model, [[5, 6, 7], [5, 6]], seed=3, args=a, eos_ids=[], pad_id=0)
+    again, _, _ = systems.generate_hf(model, [[5, 6, 7], [5, 6]], 3, [], 0, **sampling(a))
     assert again == ids
     eos = [2, ids[0][3]]
-    cut, _, cut_trunc = tg.generate_hf(model, [[5, 6, 7], [5, 6]], seed=3, args=a, eos_ids=eos, pad_id=0)
+    cut, _, cut_trunc = systems.generate_hf(model, [[5, 6, 7], [5, 6]], 3, eos, 0, **sampling(a))
     first = next(j for j, t in enumerate(ids[0]) if t in eos)
     assert cut[0] == ids[0][: first + 1] and cut_trunc[0] is False
 
@@ -421,10 +432,10 @@ def _vllm_vs_hf_error(llm, model, names="state_dict"):
     """Generate with vLLM, then compare its sampler log-probs with the trainer's on the same tokens."""
     a = args_for(max_new_tokens=16, temperature=1.0)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    ids, lps, _ = tg.generate_vllm(llm, prompts, [1, 2], a, eos_ids=[], show_progress=False)
-    b = tg.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
+    ids, lps, _ = systems.generate_vllm(llm, prompts, [1, 2], [], **sampling(a))
+    b = systems.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
     with torch.no_grad():
-        hf, _ = tg.completion_logprobs(model, b, temperature=1.0)
+        hf, _ = systems.completion_logprobs(model, b, temperature=1.0)
     return max((hf[i, : len(ids[i])] - torch.tensor(lps[i])).abs().max().item() for i in range(2))
 
 
@@ -474,7 +485,7 @@ def test_cpu_smoke_vllm_end_to_end(tmp_path, tiny_models):
     out = tmp_path / "run"
     proc = run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "3", "--save-every", "2", "--output-dir", str(out)])
     assert proc.stdout.count("step ") >= 3 and "reward trend" in proc.stdout
-    assert [os.path.basename(p) for p in tg.list_checkpoints(str(out))] == ["checkpoint-2", "checkpoint-3"]
+    assert [os.path.basename(p) for p in systems.list_checkpoints(str(out))] == ["checkpoint-2", "checkpoint-3"]
     ckpt = out / "checkpoint-3"
     assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
     rows = _rollouts(str(out))
@@ -542,7 +553,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_models):
     proc = run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "3", "--save-every", "1", "--resume",
                        "--reward-model", str(nan_rm), "--output-dir", str(out)], check=False)  # fmt: skip
     assert proc.returncode != 0 and "non-finite gradient norm" in proc.stderr and "checkpoint-1" in proc.stderr
-    assert [os.path.basename(p) for p in tg.list_checkpoints(str(out))] == ["checkpoint-1"]
+    assert [os.path.basename(p) for p in systems.list_checkpoints(str(out))] == ["checkpoint-1"]
     after = load_file(str(out / "checkpoint-1" / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -17,7 +17,7 @@ SMOKE = ["--preset", "cpu-smoke"]
 def test_hub_columns_map_to_verifiable_rows():
     math500 = tr.to_rlvr_row({"problem": "What is $1+1$?", "answer": "2", "subject": "x"}, "hub:row 0")
     assert math500["reward_model"] == {"style": "rule", "ground_truth": "2"} and math500["ability"] == "math"
-    assert math500["prompt"][0]["content"].endswith(tr.MATH_INSTRUCTION)
+    assert math500["prompt"][0]["content"].endswith(reward.MATH_INSTRUCTION)
     gsm8k = tr.to_rlvr_row({"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 7"}, "hub:row 1")
     assert gsm8k["reward_model"]["ground_truth"] == "7"
     dapo = {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "Solve x"}], "ability": "MATH",
@@ -31,7 +31,7 @@ def test_hub_columns_map_to_verifiable_rows():
 
 def test_bundled_sets_load_with_ground_truth():
     for name in ("arith_train", "arith_test", "code_tasks"):
-        rows = [tr.to_rlvr_row(o, w) for w, o in tr.read_records(os.path.join(ROOT, "data", f"{name}.jsonl"))]
+        rows = [tr.to_rlvr_row(o, w) for w, o in reward.read_records(os.path.join(ROOT, "data", f"{name}.jsonl"))]
         assert rows and all(r["reward_model"]["style"] == "rule" and r["reward_model"]["ground_truth"] for r in rows)
 
 
