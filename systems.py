@@ -386,6 +386,38 @@ def vllm_wake_and_sync(llm, model, accelerator: Accelerator) -> None:
     llm.wake_up(tags=["kv_cache"])
 
 
+def frozen_models_and_vllm(args, accelerator: Accelerator, need_reward_model: bool = True) -> tuple:
+    """The stages' frozen models and this rank's vLLM engine, in the compute dtype (bf16 under mixed precision):
+    reward.RewardModel if `need_reward_model`, the reference policy if args.kl_coef > 0, whole on every rank
+    (`replicated_loading`), and `build_vllm` if args.use_vllm. Returns (reward_model, ref_model, llm), None for
+    each one not built."""
+    import reward
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    reward_model, ref_model, llm = None, None, None
+    with replicated_loading():
+        if need_reward_model:
+            reward_model = reward.RewardModel(
+                args.reward_model,
+                device=str(accelerator.device),
+                dtype=dtype,
+                batch_size=args.rm_batch_size,
+                max_length=args.rm_max_length,
+                share_prefix=args.share_prompt,
+            )
+        if args.kl_coef > 0:  # only loaded when used
+            ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
+            if args.share_prompt:  # the same rows as the policy
+                use_shared_prefix_attention(ref_model, args.model)
+    if args.use_vllm:
+        max_len, seed = args.max_prompt_length + args.max_new_tokens, args.seed + accelerator.process_index
+        llm = build_vllm(
+            args.model, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization, args.vllm_sleep
+        )
+    return reward_model, ref_model, llm
+
+
 # ---- 3. speed and memory (CPU and GPU); each states what it equals ----
 class TokenLogProbs(torch.autograd.Function):
     """Equals `(log_softmax(z).gather(targets), entropy(softmax(z)))` with z = logits.float() / T, computed in fp32
@@ -636,6 +668,45 @@ def keep_freed_memory() -> bool:
 
 
 # ---- 4. checkpoints, the run's logs and the command line ----
+def start_run(args, check_args) -> tuple:
+    """The Accelerator for the launched backend (`make_accelerator`), `check_args(args, num_processes)` before
+    anything is written or loaded, seeds, and rank 0's TensorBoard writer (mirrored to wandb with --track).
+    Returns (accelerator, log, writer); other ranks get a no-op log and no writer."""
+    import dataclasses
+
+    from accelerate.utils import set_seed
+    from torch.utils.tensorboard import SummaryWriter
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        keep_freed_memory()  # before the big allocations
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and not cpu)
+    accelerator = make_accelerator(use_bf16, args.max_grad_norm)
+    check_args(args, accelerator.num_processes)
+    set_seed(args.seed)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    writer = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        config = dataclasses.asdict(args)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project, name=args.exp_name, config=config, sync_tensorboard=True)
+        writer = SummaryWriter(args.output_dir)
+        writer.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    return accelerator, log, writer
+
+
+def pad_values(values: list, indices: list, width: int, device) -> torch.Tensor:
+    """Right-pad per-sample 1-D values (lists or tensors, e.g. log-probs) to (len(indices), width)."""
+    out = torch.zeros(len(indices), width, device=device)
+    for row, i in enumerate(indices):
+        v = torch.as_tensor(values[i], dtype=torch.float32, device=device)
+        out[row, : len(v)] = v
+    return out
+
+
 def list_checkpoints(output_dir: str) -> list:
     """Complete checkpoints, oldest first (a checkpoint only exists once its rename has happened)."""
     return sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))

@@ -19,7 +19,6 @@ tokens, 4 PPO mini-batches. Speed, memory and backend plumbing live in systems.p
     accelerate launch --config_file configs/deepspeed_zero3.yaml train_grlo.py --dataset train.jsonl  # 4 GPUs
 """
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -30,8 +29,6 @@ from typing import Literal
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the engine in this process (weight sync reaches it)
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
@@ -348,15 +345,6 @@ def token_weights(completion_mask: torch.Tensor, mode: str, num_seqs: float, num
     return completion_mask / (num_seqs * max_new_tokens)
 
 
-def pad_values(values: list, indices: list, width: int, device) -> torch.Tensor:
-    """Right-pad per-sample 1-D values (lists or tensors, e.g. log-probs) to (len(indices), width)."""
-    out = torch.zeros(len(indices), width, device=device)
-    for row, i in enumerate(indices):
-        v = torch.as_tensor(values[i], dtype=torch.float32, device=device)
-        out[row, : len(v)] = v
-    return out
-
-
 @torch.no_grad()
 def old_and_ref_logprobs(model, ref_model, accelerator, args: Args, prompt_ids, completion_ids, pad_id):
     """pi_old (and pi_ref) log-probs of every completion token, one list entry per sample, before any update."""
@@ -419,9 +407,9 @@ def train_on_batch(
                 with systems.no_sync(model, accelerator, last):
                     with accelerator.autocast():
                         logprobs, entropy = systems.completion_logprobs(model, b, args.temperature)  # (b, C)
-                    old = pad_values(old_lp, m, C, device) if old_lp is not None else logprobs.detach()
-                    ref = pad_values(ref_lp, m, C, device) if ref_model is not None else None
-                    samp = pad_values(sampler_logprobs, m, C, device) if sampler_logprobs is not None else None
+                    old = systems.pad_values(old_lp, m, C, device) if old_lp is not None else logprobs.detach()
+                    ref = systems.pad_values(ref_lp, m, C, device) if ref_model is not None else None
+                    samp = systems.pad_values(sampler_logprobs, m, C, device) if sampler_logprobs is not None else None
                     per_token, stats = policy_loss(logprobs, old, advantages[m], args, samp, ref, entropy)
                     mask = b["completion_mask"] * loss_mask_seq[m][:, None]  # (b, C); 0 on prompt/pad tokens
                     weights = token_weights(mask, args.loss_agg, num_seqs, num_tokens, args.max_new_tokens)
@@ -454,63 +442,20 @@ def train_on_batch(
     return sums, grad_norms
 
 
-# ---- setup and logging ----
-def setup(args: Args):
-    """The Accelerator for the launched backend (systems.make_accelerator), seeds, and rank 0's TensorBoard writer
-    (wandb mirrors it with --track). Returns (accelerator, log, writer); other ranks get a no-op log and None."""
-    if not torch.cuda.is_available():
-        systems.keep_freed_memory()  # CPU: glibc reuses freed memory (set before the big allocations)
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())
-    accelerator = systems.make_accelerator(use_bf16, args.max_grad_norm)
-    check_args(args, accelerator.num_processes)
-    set_seed(args.seed)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    writer = None
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.track:
-            import wandb
-
-            config = dataclasses.asdict(args)
-            wandb.init(project=args.wandb_project, name=args.exp_name, config=config, sync_tensorboard=True)
-        writer = SummaryWriter(args.output_dir)
-        writer.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
-    return accelerator, log, writer
-
-
+# ---- setup ----
 def build_models(args: Args, accelerator, max_steps: int, log, need_reward_model: bool = True):
-    """The policy with AdamW and its schedule, the frozen reward model (if needed) and reference (if --kl-coef),
-    whole on every rank, and this rank's vLLM engine (or None). Frozen models and vLLM run in the compute dtype."""
+    """The policy with AdamW and its schedule; the frozen reward model (if needed) and reference (if --kl-coef),
+    whole on every rank; this rank's vLLM engine (or None). Frozen models and vLLM run in the compute dtype."""
     model, optimizer, scheduler = build_policy(args, accelerator, max_steps)
-    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    reward_model, ref_model, llm = None, None, None
-    with systems.replicated_loading():  # frozen models: whole on every rank, under ZeRO-3 and FSDP too
-        if need_reward_model:
-            reward_model = reward.RewardModel(
-                args.reward_model,
-                device=str(accelerator.device),
-                dtype=dtype,
-                batch_size=args.rm_batch_size,
-                max_length=args.rm_max_length,
-                share_prefix=args.share_prompt,
-            )
-        if args.kl_coef > 0:  # only loaded when used
-            ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(accelerator.device).eval()
-            if args.share_prompt:  # the same rows as the policy
-                systems.use_shared_prefix_attention(ref_model, args.model)
-    if args.use_vllm:
-        max_len, seed = args.max_prompt_length + args.max_new_tokens, args.seed + accelerator.process_index
-        llm = systems.build_vllm(
-            args.model, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization, args.vllm_sleep
-        )
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    reward_model, ref_model, llm = systems.frozen_models_and_vllm(args, accelerator, need_reward_model)
+    precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     run = f"{systems.backend(accelerator)}, {accelerator.num_processes} process(es), {precision}"
     log(f"backend: {run}, grad clip {systems.clip_norm(model, accelerator, args.max_grad_norm)}")
     return model, optimizer, scheduler, reward_model, ref_model, llm
 
 
 def main(args: Args):
-    accelerator, log, writer = setup(args)
+    accelerator, log, writer = systems.start_run(args, check_args)  # the launched backend; only rank 0 logs
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     # ---- 1. data: rows in the official format, the policy's chat template, overlong prompts dropped ----

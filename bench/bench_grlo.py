@@ -36,6 +36,8 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import local_models  # noqa: E402
+import reward  # noqa: E402
+import systems  # noqa: E402
 import train_grlo as tg  # noqa: E402
 
 
@@ -148,7 +150,10 @@ def step_bench(args: Args, paths: dict, dtype: str, extra: list):
     acc = EventAccumulator(out)
     acc.Reload()
     median = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # noqa: E731
-    phases = {k: median([e.value for e in acc.Scalars(f"time/{k}")[1:]]) for k in ("rollout", "reward", "train", "weight_sync", "step")}
+    phases = {
+        k: median([e.value for e in acc.Scalars(f"time/{k}")[1:]])
+        for k in ("rollout", "reward", "train", "weight_sync", "step")
+    }
     tok = AutoTokenizer.from_pretrained(paths["policy"])
     shared = "--no-share-prompt" not in extra
     prompt_tok, completion_tok, seen = {}, {}, set()
@@ -160,7 +165,9 @@ def step_bench(args: Args, paths: dict, dtype: str, extra: list):
         if not (shared and key in seen):  # a step's prompts are distinct: one per group
             prompt_tok[r["step"]] = prompt_tok.get(r["step"], 0) + len(tg.tokenize_prompts([r], tok, 10**9)[1][0])
         seen.add(key)
-        completion_tok[r["step"]] = completion_tok.get(r["step"], 0) + len(tok(r["completion"])["input_ids"]) + 1  # + EOS
+        completion_tok[r["step"]] = (
+            completion_tok.get(r["step"], 0) + len(tok(r["completion"])["input_ids"]) + 1
+        )  # + EOS
     shutil.rmtree(out, ignore_errors=True)
     return phases, median(list(prompt_tok.values())), median(list(completion_tok.values()))
 
@@ -179,13 +186,19 @@ def train_flops(paths: dict, prompt_tokens: int, completion_tokens: int) -> floa
 def main(args: Args):
     paths = local_models.build_smollm2(local_models.DEFAULT_DIR)
     peaks = {dt: matmul_peak(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, matmul peak fp32 {peaks['float32']:.1f} / bf16 {peaks['bfloat16']:.1f} GFLOP/s")
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__}, matmul peak fp32 {peaks['float32']:.1f} / bf16 {peaks['bfloat16']:.1f} GFLOP/s"
+    )
 
     if not args.skip_rollout:
         vllm_tps, hf_tps, vt, ht, floor_tps, floor_s = rollout_bench(args, paths)
         n = args.num_prompts * args.num_generations
-        print(f"\n1. rollout, {n} completions x <= {args.max_new_tokens} new tokens, {args.rollout_dtype}, vLLM {'compiled' if args.vllm_compiled else 'eager'}")
-        print(f"   vLLM {vllm_tps:7.1f} tok/s ({vt} tokens) | HF generate {hf_tps:7.1f} tok/s ({ht} tokens) | ratio {vllm_tps / hf_tps:.2f}x (target >= 4x)")
+        print(
+            f"\n1. rollout, {n} completions x <= {args.max_new_tokens} new tokens, {args.rollout_dtype}, vLLM {'compiled' if args.vllm_compiled else 'eager'}"
+        )
+        print(
+            f"   vLLM {vllm_tps:7.1f} tok/s ({vt} tokens) | HF generate {hf_tps:7.1f} tok/s ({ht} tokens) | ratio {vllm_tps / hf_tps:.2f}x (target >= 4x)"
+        )
         print(f"   floor: the same decode's matmuls alone take {floor_s:.1f} s here = {floor_tps:.1f} tok/s, "
               f"{floor_tps / hf_tps:.2f}x HF generate (an engine with zero overhead beyond its matmuls)")  # fmt: skip
 
@@ -201,7 +214,9 @@ def main(args: Args):
         phases, p_tok, c_tok = step_bench(args, paths, dtype, extra)
         results[name] = (dtype, phases, p_tok, c_tok)
         cols = "".join(f"{phases[k]:7.2f}s  " for k in ("rollout", "reward", "train", "weight_sync", "step"))
-        print(f"   {name:22s} {cols}{100 * phases['weight_sync'] / phases['step']:5.2f}%  {c_tok / phases['rollout']:8.1f}")
+        print(
+            f"   {name:22s} {cols}{100 * phases['weight_sync'] / phases['step']:5.2f}%  {c_tok / phases['rollout']:8.1f}"
+        )
     print("   (target: weight sync <= 2% of the step; 'no shared prompt' = --no-share-prompt: each sample forwards")
     print("    its own copy of the prompt in the update and the RM, the eq. 8 A/B)")
 

@@ -43,10 +43,14 @@ def math_samples(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
         gold, wrong = (str(a * b), str(a * b + 1)) if i % 4 else (f"\\frac{{{a}}}{{{b}}}", f"{a / b + 1:.4f}")
         answer = gold if i % 2 == 0 else wrong
         style = (i // 2) % 4
-        responses.append([f"We multiply {a} by {b}. So the answer is \\boxed{{{answer}}}.",
-                          f"Compute {a} times {b} step by step... The final answer is {answer}",
-                          f"{a} * {b} = {answer}\n#### {answer}",
-                          f"First guess \\boxed{{0}}; checking again, it is $\\boxed{{{answer}}}$."][style])
+        responses.append(
+            [
+                f"We multiply {a} by {b}. So the answer is \\boxed{{{answer}}}.",
+                f"Compute {a} times {b} step by step... The final answer is {answer}",
+                f"{a} * {b} = {answer}\n#### {answer}",
+                f"First guess \\boxed{{0}}; checking again, it is $\\boxed{{{answer}}}$.",
+            ][style]
+        )
         golds.append(gold)
     return golds, responses
 
@@ -56,9 +60,12 @@ def code_samples(n: int) -> tuple[list[dict], list[str]]:
     rows, responses = [], []
     for i in range(n):
         k = i % 16
-        row = {"task_id": f"Bench/{k}", "entry_point": f"add_{k}",
-               "prompt": f'def add_{k}(x: int) -> int:\n    """Return x plus {k}."""\n',
-               "test": "def check(candidate):\n" + "".join(f"    assert candidate({x}) == {x + k}\n" for x in range(5))}
+        row = {
+            "task_id": f"Bench/{k}",
+            "entry_point": f"add_{k}",
+            "prompt": f'def add_{k}(x: int) -> int:\n    """Return x plus {k}."""\n',
+            "test": "def check(candidate):\n" + "".join(f"    assert candidate({x}) == {x + k}\n" for x in range(5)),
+        }
         body = f"x + {k}" if i % 2 == 0 else f"x - {k}"
         rows.append(row)
         responses.append(f"```python\ndef add_{k}(x: int) -> int:\n    return {body}\n```")
@@ -73,16 +80,20 @@ def timed(fn):
 
 def report(name: str, rewards: list[float], t_serial: float, t_parallel: float, extra: str = ""):
     n = len(rewards)
-    print(f"{name:5s} n={n:5d} mean_reward={sum(rewards) / n:.3f}  serial {n / t_serial:7.1f}/s  "
-          f"parallel {n / t_parallel:7.1f}/s  speed-up x{t_serial / t_parallel:.2f}{extra}")
+    print(
+        f"{name:5s} n={n:5d} mean_reward={sum(rewards) / n:.3f}  serial {n / t_serial:7.1f}/s  "
+        f"parallel {n / t_parallel:7.1f}/s  speed-up x{t_serial / t_parallel:.2f}{extra}"
+    )
 
 
 def main(args: Args):
     rng = random.Random(args.seed)
     workers = args.max_workers or None
     caps = sandbox.sandbox_caps()
-    print(f"cores={os.cpu_count()} load_avg_1m={os.getloadavg()[0]:.2f} max_workers={workers or 'default'} "
-          f"sandbox: mode={caps['mode']} uid={os.geteuid()}")
+    print(
+        f"cores={os.cpu_count()} load_avg_1m={os.getloadavg()[0]:.2f} max_workers={workers or 'default'} "
+        f"sandbox: mode={caps['mode']} uid={os.geteuid()}"
+    )
     golds, responses = math_samples(args.num_math, rng)
     math_rows = [{"ability": "math", "reward_model": {"style": "rule", "ground_truth": g}} for g in golds]
     reward.compute_rewards(math_rows[:8], responses[:8], max_workers=workers)  # warm-up: spawn math workers

@@ -75,6 +75,7 @@ sys.path.insert(0, ROOT)
 import local_models  # noqa: E402
 import systems  # noqa: E402
 import train_grlo as tg  # noqa: E402
+import reward  # noqa: E402
 
 PRESET = "cpu-smollm2"
 RUNS = ("ours-vllm", "ours-hf", "trl-hf", "trl-vllm")  # the default set; the others only on request
@@ -85,7 +86,9 @@ LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "constant": "d
 class Args:
     steps: Optional[int] = None
     """optimizer steps per run, one generation batch each, the first excluded as warm-up; None = 6 (2 with --smoke)"""
-    runs: tuple[Literal["ours-vllm", "ours-hf", "trl-hf", "trl-vllm", "trl-vllm-patched", "ours-vllm-glibc", "trl-hf-kept"], ...] = RUNS
+    runs: tuple[
+        Literal["ours-vllm", "ours-hf", "trl-hf", "trl-vllm", "trl-vllm-patched", "ours-vllm-glibc", "trl-hf-kept"], ...
+    ] = RUNS
     """which runs to do, in this order, one subprocess each (the last three: see the top of this file)"""
     output_json: str = os.path.join(ROOT, "runs", "bench_vs_trl.json")
     """the results (per-run metrics or errors, settings, parity checks, ratios) are written here"""

@@ -166,80 +166,129 @@ def make_arith():
 # (entry point, signature, what it does, canonical solution, asserts)
 CODE_TASKS = [
     (
-        "reverse_string", "reverse_string(s)", "returns the string `s` reversed",
+        "reverse_string",
+        "reverse_string(s)",
+        "returns the string `s` reversed",
         "def reverse_string(s):\n    return s[::-1]\n",
-        ["assert reverse_string('abc') == 'cba'", "assert reverse_string('') == ''",
-         "assert reverse_string('racecar') == 'racecar'", "assert reverse_string('Hello, World') == 'dlroW ,olleH'"],
+        [
+            "assert reverse_string('abc') == 'cba'",
+            "assert reverse_string('') == ''",
+            "assert reverse_string('racecar') == 'racecar'",
+            "assert reverse_string('Hello, World') == 'dlroW ,olleH'",
+        ],
     ),
     (
-        "fizzbuzz", "fizzbuzz(n)",
+        "fizzbuzz",
+        "fizzbuzz(n)",
         "returns a list of strings for the numbers 1 to `n`: 'Fizz' for multiples of 3, 'Buzz' for multiples of 5, "
         "'FizzBuzz' for multiples of both, and the number itself otherwise",
         "def fizzbuzz(n):\n    out = []\n    for i in range(1, n + 1):\n        if i % 15 == 0:\n"
         "            out.append('FizzBuzz')\n        elif i % 3 == 0:\n            out.append('Fizz')\n"
         "        elif i % 5 == 0:\n            out.append('Buzz')\n        else:\n            out.append(str(i))\n"
         "    return out\n",
-        ["assert fizzbuzz(1) == ['1']", "assert fizzbuzz(5) == ['1', '2', 'Fizz', '4', 'Buzz']",
-         "assert fizzbuzz(15)[-1] == 'FizzBuzz'", "assert fizzbuzz(0) == []"],
+        [
+            "assert fizzbuzz(1) == ['1']",
+            "assert fizzbuzz(5) == ['1', '2', 'Fizz', '4', 'Buzz']",
+            "assert fizzbuzz(15)[-1] == 'FizzBuzz'",
+            "assert fizzbuzz(0) == []",
+        ],
     ),
     (
-        "is_prime", "is_prime(n)", "returns True if the integer `n` is a prime number and False otherwise",
+        "is_prime",
+        "is_prime(n)",
+        "returns True if the integer `n` is a prime number and False otherwise",
         "def is_prime(n):\n    if n < 2:\n        return False\n    i = 2\n    while i * i <= n:\n"
         "        if n % i == 0:\n            return False\n        i += 1\n    return True\n",
-        ["assert is_prime(2) == True", "assert is_prime(1) == False", "assert is_prime(17) == True",
-         "assert is_prime(21) == False", "assert is_prime(0) == False"],
+        [
+            "assert is_prime(2) == True",
+            "assert is_prime(1) == False",
+            "assert is_prime(17) == True",
+            "assert is_prime(21) == False",
+            "assert is_prime(0) == False",
+        ],
     ),
     (
-        "gcd", "gcd(a, b)", "returns the greatest common divisor of two positive integers `a` and `b`",
+        "gcd",
+        "gcd(a, b)",
+        "returns the greatest common divisor of two positive integers `a` and `b`",
         "def gcd(a, b):\n    while b:\n        a, b = b, a % b\n    return a\n",
         ["assert gcd(12, 18) == 6", "assert gcd(7, 5) == 1", "assert gcd(10, 10) == 10", "assert gcd(100, 75) == 25"],
     ),
     (
-        "count_vowels", "count_vowels(s)",
+        "count_vowels",
+        "count_vowels(s)",
         "returns how many vowels (a, e, i, o, u, upper or lower case) are in the string `s`",
         "def count_vowels(s):\n    return sum(1 for ch in s.lower() if ch in 'aeiou')\n",
-        ["assert count_vowels('hello') == 2", "assert count_vowels('') == 0", "assert count_vowels('AEIOU') == 5",
-         "assert count_vowels('rhythm') == 0"],
+        [
+            "assert count_vowels('hello') == 2",
+            "assert count_vowels('') == 0",
+            "assert count_vowels('AEIOU') == 5",
+            "assert count_vowels('rhythm') == 0",
+        ],
     ),
     (
-        "flatten", "flatten(lst)",
+        "flatten",
+        "flatten(lst)",
         "takes a list that may contain nested lists at any depth and returns a flat list of all the elements in order",
         "def flatten(lst):\n    out = []\n    for x in lst:\n        if isinstance(x, list):\n"
         "            out.extend(flatten(x))\n        else:\n            out.append(x)\n    return out\n",
-        ["assert flatten([1, [2, 3], [4, [5]]]) == [1, 2, 3, 4, 5]", "assert flatten([]) == []",
-         "assert flatten([[[]]]) == []", "assert flatten([1, 2, 3]) == [1, 2, 3]"],
+        [
+            "assert flatten([1, [2, 3], [4, [5]]]) == [1, 2, 3, 4, 5]",
+            "assert flatten([]) == []",
+            "assert flatten([[[]]]) == []",
+            "assert flatten([1, 2, 3]) == [1, 2, 3]",
+        ],
     ),
     (
-        "running_sum", "running_sum(nums)",
+        "running_sum",
+        "running_sum(nums)",
         "returns a list where element i is the sum of the first i + 1 numbers of the list `nums`",
         "def running_sum(nums):\n    out, total = [], 0\n    for x in nums:\n        total += x\n"
         "        out.append(total)\n    return out\n",
-        ["assert running_sum([1, 2, 3, 4]) == [1, 3, 6, 10]", "assert running_sum([]) == []",
-         "assert running_sum([5]) == [5]", "assert running_sum([1, -1, 1]) == [1, 0, 1]"],
+        [
+            "assert running_sum([1, 2, 3, 4]) == [1, 3, 6, 10]",
+            "assert running_sum([]) == []",
+            "assert running_sum([5]) == [5]",
+            "assert running_sum([1, -1, 1]) == [1, 0, 1]",
+        ],
     ),
     (
-        "is_palindrome", "is_palindrome(s)",
+        "is_palindrome",
+        "is_palindrome(s)",
         "returns True if the string `s` reads the same forwards and backwards, ignoring case and any character "
         "that is not a letter or digit",
         "def is_palindrome(s):\n    t = [ch.lower() for ch in s if ch.isalnum()]\n    return t == t[::-1]\n",
-        ["assert is_palindrome('racecar') == True", "assert is_palindrome('A man, a plan, a canal: Panama') == True",
-         "assert is_palindrome('hello') == False", "assert is_palindrome('') == True"],
+        [
+            "assert is_palindrome('racecar') == True",
+            "assert is_palindrome('A man, a plan, a canal: Panama') == True",
+            "assert is_palindrome('hello') == False",
+            "assert is_palindrome('') == True",
+        ],
     ),
     (
-        "word_frequency", "word_frequency(text)",
+        "word_frequency",
+        "word_frequency(text)",
         "returns a dict mapping each word of `text` (split on whitespace, lower-cased) to how many times it occurs",
         "def word_frequency(text):\n    counts = {}\n    for w in text.lower().split():\n"
         "        counts[w] = counts.get(w, 0) + 1\n    return counts\n",
-        ["assert word_frequency('the cat the dog') == {'the': 2, 'cat': 1, 'dog': 1}",
-         "assert word_frequency('') == {}", "assert word_frequency('A a A') == {'a': 3}"],
+        [
+            "assert word_frequency('the cat the dog') == {'the': 2, 'cat': 1, 'dog': 1}",
+            "assert word_frequency('') == {}",
+            "assert word_frequency('A a A') == {'a': 3}",
+        ],
     ),
     (
-        "second_largest", "second_largest(nums)",
+        "second_largest",
+        "second_largest(nums)",
         "returns the second largest distinct value in the list `nums`, or None if there is no such value",
         "def second_largest(nums):\n    values = sorted(set(nums))\n    return values[-2] if len(values) >= 2 else None\n",
-        ["assert second_largest([1, 2, 3, 4]) == 3", "assert second_largest([5, 5, 4]) == 4",
-         "assert second_largest([7]) is None", "assert second_largest([3, 3]) is None",
-         "assert second_largest([-1, -5, -3]) == -3"],
+        [
+            "assert second_largest([1, 2, 3, 4]) == 3",
+            "assert second_largest([5, 5, 4]) == 4",
+            "assert second_largest([7]) is None",
+            "assert second_largest([3, 3]) is None",
+            "assert second_largest([-1, -5, -3]) == -3",
+        ],
     ),
 ]
 
@@ -259,8 +308,7 @@ def make_code_tasks():
         assert 3 <= len(test_list) <= 5 and all(t.startswith(f"assert {entry_point}(") for t in test_list)
         check_solution(solution, test_list)
         content = (
-            f"Write a Python function `{signature}` that {description}. "
-            "Return the code in a ```python code block."
+            f"Write a Python function `{signature}` that {description}. Return the code in a ```python code block."
         )
         ground_truth = json.dumps({"entry_point": entry_point, "test_list": test_list})
         tasks.append(row("grlo/code_tasks", content, "code", "rule", ground_truth, "test", i))

@@ -34,7 +34,15 @@ def report(out: dict) -> None:
 
 def vllm_error(llm, model, accelerator, prompts, args):
     """Largest |vLLM log-prob - trainer log-prob| over the tokens vLLM samples for `prompts`."""
-    ids, lps, _ = systems.generate_vllm(llm, prompts, list(range(len(prompts))), [], temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens)
+    ids, lps, _ = systems.generate_vllm(
+        llm,
+        prompts,
+        list(range(len(prompts))),
+        [],
+        temperature=args.temperature,
+        top_p=1.0,
+        max_new_tokens=args.max_new_tokens,
+    )
     b = systems.collate(list(range(len(prompts))), prompts, ids, 0, accelerator.device)
     with torch.no_grad():
         hf, _ = systems.completion_logprobs(model, b, args.temperature)

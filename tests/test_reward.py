@@ -24,6 +24,7 @@ from conftest import ran_block_wise
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import reward  # noqa: E402
+import systems  # noqa: E402
 import sandbox  # noqa: E402
 
 CAPS = sandbox.sandbox_caps()
@@ -100,7 +101,8 @@ def test_math_reward_scientific_notation(gold, response, expected):
 
 
 @pytest.mark.parametrize(
-    "garbage", ["", "\\boxed{", "\\boxed{}", "}}}{{{\\frac", "\\boxed{\\frac{1}{0}}", "9" * 100_000, "\x00\udcff"],
+    "garbage",
+    ["", "\\boxed{", "\\boxed{}", "}}}{{{\\frac", "\\boxed{\\frac{1}{0}}", "9" * 100_000, "\x00\udcff"],
 )
 def test_math_reward_garbage_is_zero(garbage):
     start = time.monotonic()
@@ -188,8 +190,10 @@ def test_attack_infinite_loop():
 
 
 def test_attack_ignores_sigterm():
-    code = ("import signal, time\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
-            "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.1)")
+    code = (
+        "import signal, time\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.1)"
+    )
     result = attack(code, timeout_s=1.0)
     assert result.timed_out and not result.ok
 
@@ -280,7 +284,9 @@ def test_without_namespaces_the_uid_kill_still_cleans_up(monkeypatch):
         start = time.monotonic()
         outputs.append(sandbox.run_python(code, timeout_s=timeout_s).stdout)
         assert time.monotonic() - start < timeout_s + 3
-        while (sandbox_processes(include_zombies=False) or marked_processes(marker)) and time.monotonic() - start < timeout_s + 4:
+        while (
+            sandbox_processes(include_zombies=False) or marked_processes(marker)
+        ) and time.monotonic() - start < timeout_s + 4:
             time.sleep(0.05)
         assert sandbox_processes(include_zombies=False) == [] and marked_processes(marker) == []
     assert "daemon started" in outputs[0]  # the daemon really ran, so the cleanup above proves something
@@ -417,15 +423,15 @@ def test_extract_code():
 
 HUMANEVAL_ROW = {  # evalplus/humanevalplus shape
     "task_id": "HumanEval/0",
-    "prompt": 'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
-              '    """ Check if any two numbers are closer to each other than threshold. """\n',
+    "prompt": "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+    '    """ Check if any two numbers are closer to each other than threshold. """\n',
     "canonical_solution": "    return any(abs(a - b) < threshold\n"
-                          "               for i, a in enumerate(numbers) for b in numbers[i + 1:])\n",
+    "               for i, a in enumerate(numbers) for b in numbers[i + 1:])\n",
     "entry_point": "has_close_elements",
     "test": "\n\nMETADATA = {'author': 'jt', 'dataset': 'test'}\n\n\ndef check(candidate):\n"
-            "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n"
-            "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n"
-            "    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True\n",
+    "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n"
+    "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n"
+    "    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True\n",
 }
 
 
@@ -442,13 +448,18 @@ MBPP_ROW = {  # google-research-datasets/mbpp shape
     "task_id": 11,
     "text": "Write a python function to remove first and last occurrence of a given character from the string.",
     "code": "...",
-    "test_list": ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"',
-                  'assert remove_Occ("PHP","P") == "H"'],
+    "test_list": [
+        'assert remove_Occ("hello","l") == "heo"',
+        'assert remove_Occ("abcda","a") == "bcd"',
+        'assert remove_Occ("PHP","P") == "H"',
+    ],
     "test_setup_code": "",
     "challenge_test_list": [],
 }
-MBPP_SOLUTION = ("def remove_Occ(s, ch):\n    i = s.find(ch)\n    s = s[:i] + s[i + 1:] if i >= 0 else s\n"
-                 "    j = s.rfind(ch)\n    return s[:j] + s[j + 1:] if j >= 0 else s")
+MBPP_SOLUTION = (
+    "def remove_Occ(s, ch):\n    i = s.find(ch)\n    s = s[:i] + s[i + 1:] if i >= 0 else s\n"
+    "    j = s.rfind(ch)\n    return s[:j] + s[j + 1:] if j >= 0 else s"
+)
 
 
 def test_code_reward_mbpp():
@@ -465,10 +476,10 @@ MBPP_PLUS_ROW = {  # evalplus/mbppplus shape: base asserts + a numpy-based `test
     "test_imports": ["import math"],
     "test_list": ["assert square_perimeter(10)==40", "assert math.isclose(square_perimeter(2.5), 10.0)"],
     "test": "import numpy as np\n\ndef assertion(out, exp, atol):\n    if atol == 0 and isinstance(exp, float):\n"
-            "        atol = 1e-6\n    if atol != 0:\n        assert np.allclose(out, exp, rtol=1e-07, atol=atol)\n"
-            "    else:\n        assert out == exp, f'out: {out}, exp: {exp}'\n\n"
-            "inputs = [[10], [5], [4], [-3], [0.5]]\nresults = [40, 20, 16, -12, 2.0]\n"
-            "for i, (inp, exp) in enumerate(zip(inputs, results)):\n    assertion(square_perimeter(*inp), exp, 0)\n",
+    "        atol = 1e-6\n    if atol != 0:\n        assert np.allclose(out, exp, rtol=1e-07, atol=atol)\n"
+    "    else:\n        assert out == exp, f'out: {out}, exp: {exp}'\n\n"
+    "inputs = [[10], [5], [4], [-3], [0.5]]\nresults = [40, 20, 16, -12, 2.0]\n"
+    "for i, (inp, exp) in enumerate(zip(inputs, results)):\n    assertion(square_perimeter(*inp), exp, 0)\n",
 }
 
 
@@ -484,8 +495,12 @@ LCB_STDIN_ROW = {  # livecodebench/code_generation_lite shape (the lighteval par
     "platform": "atcoder",
     "starter_code": "",
     "public_test_cases": json.dumps([{"input": "3\n1 2 3\n", "output": "6\n", "testtype": "stdin"}]),
-    "private_test_cases": lcb_compress([{"input": "2\n-5 5\n", "output": "0\n", "testtype": "stdin"},
-                                        {"input": "1\n7\n", "output": "7\n", "testtype": "stdin"}]),
+    "private_test_cases": lcb_compress(
+        [
+            {"input": "2\n-5 5\n", "output": "0\n", "testtype": "stdin"},
+            {"input": "1\n7\n", "output": "7\n", "testtype": "stdin"},
+        ]
+    ),
     "metadata": "{}",
 }
 
@@ -505,9 +520,11 @@ def test_code_reward_livecodebench_functional():
         "private_test_cases": lcb_compress([{"input": "[3,2,4]\n6", "output": "[1, 2]", "testtype": "functional"}]),
         "metadata": json.dumps({"func_name": "twoSum"}),
     }
-    solution = ("class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
-                "        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
-                "                return (seen[target - x], i)\n            seen[x] = i\n")
+    solution = (
+        "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
+        "        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+        "                return (seen[target - x], i)\n            seen[x] = i\n"
+    )
     assert reward.code_reward(fenced(solution), row) == 1.0
     assert reward.code_reward(fenced(solution.replace("target - x in", "x in")), row) == 0.0
 
@@ -538,8 +555,10 @@ def test_code_reward_bundled_rows_and_pass_fraction():
 
 def test_code_reward_cannot_be_forged():
     truth = {"entry_point": "f", "test_list": ["assert f() == 1"]}
-    forger = ("import re, os, sys\nfor nonce in re.findall(r'[0-9a-f]{32}', open(sys.argv[0]).read()) + ['0' * 32]:\n"
-              "    print(f'\\n{nonce} 0 1', flush=True)\nos._exit(0)")
+    forger = (
+        "import re, os, sys\nfor nonce in re.findall(r'[0-9a-f]{32}', open(sys.argv[0]).read()) + ['0' * 32]:\n"
+        "    print(f'\\n{nonce} 0 1', flush=True)\nos._exit(0)"
+    )
     assert reward.code_reward(fenced(forger), truth) == 0.0
     assert reward.code_reward(fenced("def f():\n    return 1\nimport os\nos._exit(0)"), truth) == 0.0  # early exit
     assert reward.code_reward(fenced("def f():\n    return 1\nraise SystemExit(0)"), truth) == 1.0  # tests still run
@@ -654,7 +673,9 @@ def test_shared_prefix_attention_refuses_attention_that_misreads_the_mask(tiny_m
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], attn_implementation="eager")
-    with pytest.raises(ValueError, match=r"tiny-qwen3: the shared prompt \(eq. 8\) needs sdpa attention, the model uses 'eager'"):
+    with pytest.raises(
+        ValueError, match=r"tiny-qwen3: the shared prompt \(eq. 8\) needs sdpa attention, the model uses 'eager'"
+    ):
         systems.use_shared_prefix_attention(model, "tiny-qwen3")
     model.set_attn_implementation("sdpa")
     systems.use_shared_prefix_attention(model, "tiny-qwen3")
@@ -682,8 +703,10 @@ def test_reward_model_truncates_the_response_from_the_left(tiny_models):
     rm = reward.RewardModel(tiny_models["reward"], max_length=48)
     messages, long_response = SAMPLES[0][0], " ".join(f"step {i}." for i in range(60))
     tok = rm.tokenizer
-    full = tok(tok.apply_chat_template(messages + [{"role": "assistant", "content": long_response}], tokenize=False),
-               add_special_tokens=False)["input_ids"]
+    full = tok(
+        tok.apply_chat_template(messages + [{"role": "assistant", "content": long_response}], tokenize=False),
+        add_special_tokens=False,
+    )["input_ids"]
     prompt_text = tok.apply_chat_template(messages, tokenize=False) + "<|im_start|>assistant\n"
     head = tok(prompt_text, add_special_tokens=False)["input_ids"]  # what must survive at the start
     kept, cut = rm._encode(messages, long_response)
@@ -700,8 +723,10 @@ def test_reward_model_truncates_the_response_from_the_left(tiny_models):
 
 
 def test_compute_rewards_routes_model_rows(rm):
-    rows = [{"prompt": m, "reward_model": {"style": "model", "ground_truth": ""}, "extra_info": {"index": i}}
-            for i, (m, _) in enumerate(SAMPLES[:3])]
+    rows = [
+        {"prompt": m, "reward_model": {"style": "model", "ground_truth": ""}, "extra_info": {"index": i}}
+        for i, (m, _) in enumerate(SAMPLES[:3])
+    ]
     rows.append({"ability": "math", "reward_model": {"style": "rule", "ground_truth": "7"}})
     responses = [r for _, r in SAMPLES[:3]] + [SAMPLES[3][1]]
     rewards, stats = reward.compute_rewards(rows, responses, rm)
@@ -719,7 +744,12 @@ def private_env(owner_uid: int) -> dict:
     import numpy
 
     system_python = shutil.which("python3", path="/usr/bin:/bin")
-    if system_python is None or subprocess.run([system_python, "-c", f"import sys; assert sys.version_info[:2] == {tuple(sys.version_info[:2])}"]).returncode:
+    if (
+        system_python is None
+        or subprocess.run(
+            [system_python, "-c", f"import sys; assert sys.version_info[:2] == {tuple(sys.version_info[:2])}"]
+        ).returncode
+    ):
         pytest.skip("needs a system python3 of this Python's version (numpy is copied in, not installed)")
     base = Path(tempfile.mkdtemp(prefix="grlo_private_"))  # 0700
     venv = base / "venv"
@@ -736,7 +766,9 @@ def private_env(owner_uid: int) -> dict:
     shutil.copy(ROOT / "tests" / "sandbox_user_check.py", clone)
     home = base / "home"
     (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nGRLOFAKEKEY0123456789\n-----END OPENSSH PRIVATE KEY-----\n")
+    (home / ".ssh" / "id_ed25519").write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nGRLOFAKEKEY0123456789\n-----END OPENSSH PRIVATE KEY-----\n"
+    )
     (home / ".ssh" / "id_ed25519").chmod(0o600)
     (home / "victim.txt").write_text("precious")
     (home / ".bashrc").write_text("# the user's own\n")
@@ -770,7 +802,12 @@ def test_attack_suite_for_an_ordinary_user_and_for_root(uid, mode):
                               text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(proc.stdout.strip().splitlines()[-1])
-        print("\n".join(f"  {'contained' if a['contained'] else 'NOT CONTAINED'}: {name}" for name, a in report["attacks"].items()))
+        print(
+            "\n".join(
+                f"  {'contained' if a['contained'] else 'NOT CONTAINED'}: {name}"
+                for name, a in report["attacks"].items()
+            )
+        )
         assert report["uid"] == uid and report["mode"] == mode and report["self_check"] == mode, report["why"]
         failed = {name: a["detail"] for name, a in report["attacks"].items() if not a["contained"]}
         assert not failed, failed
@@ -797,12 +834,16 @@ def test_venv_in_a_private_directory_still_imports_numpy_and_a_blind_sandbox_sto
                 "print(json.dumps({'mode': sandbox.self_check()['mode'], 'stdout': r.stdout, 'stderr': r.stderr}))\n"
                 "sandbox._caps = {**sandbox.sandbox_caps(), 'mode': 'uid'}\n"
                 "try:\n    sandbox.self_check()\nexcept RuntimeError as e:\n    print('STOPPED:', e)")  # fmt: skip
-        proc = subprocess.run([env["python"], "-c", code], cwd=env["clone"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [env["python"], "-c", code], cwd=env["clone"], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = proc.stdout.strip().splitlines()
         first = json.loads(lines[0])
         assert first["mode"] == "root" and first["stdout"].startswith(str(env["base"])), first
         stopped = "\n".join(lines[1:])
-        assert stopped.startswith("STOPPED:") and "cannot run `import numpy" in stopped and env["python"] in stopped, stopped
+        assert stopped.startswith("STOPPED:") and "cannot run `import numpy" in stopped and env["python"] in stopped, (
+            stopped
+        )
     finally:
         shutil.rmtree(env["base"], ignore_errors=True)

@@ -100,7 +100,10 @@ def test_data_order_is_a_permutation_per_epoch_and_pure():
 
 
 def test_prompts_stay_paired_with_ground_truth_through_shuffle_and_shards():
-    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "reward_model": {"style": "rule", "ground_truth": str(i)}} for i in range(13)]
+    rows = [
+        {"prompt": [{"role": "user", "content": f"q{i}"}], "reward_model": {"style": "rule", "ground_truth": str(i)}}
+        for i in range(13)
+    ]
     world, B, G = 2, 4, 3
     for step in range(7):
         global_idx = tg.step_prompt_indices(step, len(rows), B, seed=0)
@@ -115,7 +118,18 @@ def test_prompts_stay_paired_with_ground_truth_through_shuffle_and_shards():
 def test_request_seed_depends_on_every_coordinate():
     base = tg.request_seed(1, 2, 3, 4)
     assert base == tg.request_seed(1, 2, 3, 4)
-    assert len({base, tg.request_seed(0, 2, 3, 4), tg.request_seed(1, 0, 3, 4), tg.request_seed(1, 2, 0, 4), tg.request_seed(1, 2, 3, 0)}) == 5
+    assert (
+        len(
+            {
+                base,
+                tg.request_seed(0, 2, 3, 4),
+                tg.request_seed(1, 0, 3, 4),
+                tg.request_seed(1, 2, 0, 4),
+                tg.request_seed(1, 2, 3, 0),
+            }
+        )
+        == 5
+    )
 
 
 # ---- advantages ----
@@ -501,7 +515,20 @@ def test_cpu_smoke_vllm_end_to_end(tmp_path, tiny_models):
 
 def test_cpu_smoke_hf_fallback_end_to_end(tmp_path, tiny_models):
     out = tmp_path / "run"
-    run_script([PY, "train_grlo.py", *SMOKE, "--no-use-vllm", "--max-steps", "2", "--num-minibatches", "2", "--output-dir", str(out)])
+    run_script(
+        [
+            PY,
+            "train_grlo.py",
+            *SMOKE,
+            "--no-use-vllm",
+            "--max-steps",
+            "2",
+            "--num-minibatches",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
     acc = _events(str(out))
     assert len(acc.Scalars("rewards/mean")) == 2 and "policy/tis_weight_mean" not in acc.Tags()["scalars"]
     assert (out / "checkpoint-2" / "model.safetensors").exists()
@@ -522,7 +549,18 @@ def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
     from safetensors.torch import load_file
 
     # --share-prompt here, so the eq. 8 path runs end to end with vLLM and must be exactly reproducible too
-    common = [PY, "train_grlo.py", *SMOKE, "--share-prompt", "--max-steps", "4", "--save-every", "2", "--keep-last", "5"]
+    common = [
+        PY,
+        "train_grlo.py",
+        *SMOKE,
+        "--share-prompt",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "5",
+    ]
     full = tmp_path / "full"
     run_script(common + ["--output-dir", str(full)])
     # second run: SIGKILL as soon as checkpoint-2 exists, then resume
@@ -532,7 +570,10 @@ def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
     run_script(common + ["--output-dir", str(part), "--resume"])
     a, b = _rollouts(str(full)), _rollouts(str(part))
     assert [(r["step"], r["completion"]) for r in a] == [(r["step"], r["completion"]) for r in b]
-    wa, wb = load_file(str(full / "checkpoint-4" / "model.safetensors")), load_file(str(part / "checkpoint-4" / "model.safetensors"))
+    wa, wb = (
+        load_file(str(full / "checkpoint-4" / "model.safetensors")),
+        load_file(str(part / "checkpoint-4" / "model.safetensors")),
+    )
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -589,5 +630,7 @@ def test_readme_documents_every_flag():
 
 def test_fsdp2_sharded_weights_sync_into_vllm(tiny_models):
     """FSDP2 (torch fully_shard, gloo, 2 ranks): every rank gathers full weights and syncs its own engine."""
-    proc = run_script([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp2_sync_check.py", tiny_models["policy"]])
+    proc = run_script(
+        [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp2_sync_check.py", tiny_models["policy"]]
+    )
     assert proc.stdout.count("FSDP2 sync OK") == 2

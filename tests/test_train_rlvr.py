@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from conftest import LAUNCH_2, ROOT, kill_when_exists, run_script
+import reward
 
 import train_rlvr as tr
 
@@ -114,7 +115,19 @@ def test_two_process_launch_under_deepspeed_zero3(tmp_path, tiny_models):
 def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
     from safetensors.torch import load_file
 
-    common = [PY, "train_rlvr.py", *SMOKE, "--max-steps", "4", "--save-every", "2", "--keep-last", "5", "--eval-every", "0"]
+    common = [
+        PY,
+        "train_rlvr.py",
+        *SMOKE,
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "5",
+        "--eval-every",
+        "0",
+    ]
     full = tmp_path / "full"
     run_script(common + ["--output-dir", str(full)])
     part = tmp_path / "part"
@@ -126,7 +139,10 @@ def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
     a = [json.loads(line) for line in open(full / "rollouts.jsonl")]
     b = [json.loads(line) for line in open(part / "rollouts.jsonl")]
     assert [(r["step"], r["completion"]) for r in a] == [(r["step"], r["completion"]) for r in b]
-    wa, wb = load_file(str(full / "checkpoint-4" / "model.safetensors")), load_file(str(part / "checkpoint-4" / "model.safetensors"))
+    wa, wb = (
+        load_file(str(full / "checkpoint-4" / "model.safetensors")),
+        load_file(str(part / "checkpoint-4" / "model.safetensors")),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
