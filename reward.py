@@ -267,9 +267,11 @@ class RewardModel:
                     input_ids[b, c : c + len(suffix)], seg[b, c : c + len(suffix)] = torch.tensor(suffix), k + 1
                     pos[b, c : c + len(suffix)] = torch.arange(n, n + len(suffix))
                     where.append((b, c + len(suffix) - 1, i))
-            mask = systems.shared_prefix_mask(seg).to(self.device)
-            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device),
-                              shared_prefix_slots=(S, C)).last_hidden_state  # fmt: skip
+            mask, pos = systems.shared_prefix_mask(seg).to(self.device), pos.to(self.device)
+            out = backbone(
+                input_ids=input_ids.to(self.device), attention_mask=mask, position_ids=pos, shared_prefix_slots=(S, C)
+            )
+            hidden = out.last_hidden_state
             pooled = hidden[[b for b, _, _ in where], [col for _, col, _ in where]]  # (n, H)
             for (_, _, i), value in zip(where, self.model.score(pooled)[:, 0].float().tolist()):
                 scores[i] = value

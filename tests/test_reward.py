@@ -669,13 +669,19 @@ def test_shared_prefix_attention_equals_sdpa_with_the_whole_mask():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_importing_reward_registers_no_attention():
+    """Importing reward.py (or systems.py) has no side effects: the shared-prefix attention is registered with
+    transformers only by systems.use_shared_prefix_attention (it used to be registered at import)."""
+    code = "import reward, systems; from transformers import AttentionInterface as A; print(sorted(A._global_mapping))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "sdpa" in out and systems.SHARED_PREFIX_ATTENTION not in out
+
+
 def test_shared_prefix_attention_refuses_attention_that_misreads_the_mask(tiny_models):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], attn_implementation="eager")
-    with pytest.raises(
-        ValueError, match=r"tiny-qwen3: the shared prompt \(eq. 8\) needs sdpa attention, the model uses 'eager'"
-    ):
+    with pytest.raises(ValueError, match=r"tiny-qwen3: --share-prompt needs sdpa attention, the model uses 'eager'"):
         systems.use_shared_prefix_attention(model, "tiny-qwen3")
     model.set_attn_implementation("sdpa")
     systems.use_shared_prefix_attention(model, "tiny-qwen3")

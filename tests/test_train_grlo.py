@@ -272,7 +272,10 @@ def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, sdpa_c
     for indices in (list(range(3 * G)), [1, 2, 3, 4, 5, 9, 10]):
         results = []
         for group_size, attention in ((1, "sdpa"), (G, "sdpa"), (G, systems.SHARED_PREFIX_ATTENTION)):
-            model.set_attn_implementation(attention)
+            if attention == "sdpa":
+                model.set_attn_implementation("sdpa")
+            else:  # registers the attention with transformers on first use, as the stages do
+                systems.use_shared_prefix_attention(model, "tiny-qwen3")
             model.zero_grad()
             sdpa_calls.clear()
             b = systems.collate(indices, prompt_ids, comps, pad_id=0, device="cpu", group_size=group_size)
