@@ -12,7 +12,7 @@ linear weight for oneDNN at load time and leaves an empty Parameter without a `w
 as systems.sync_weights does. It shows what TRL's colocate mode would cost if its sync worked on CPU; it is
 compared on its own line and never counted as "TRL's best mode".
 Two more runs on request isolate our allocator setting (systems.keep_freed_memory, on by default on CPU):
-  ours-vllm-glibc  ours with --no-keep-freed-memory (glibc's default malloc behaviour, as TRL runs)
+  ours-vllm-glibc  ours with GRLO_KEEP_FREED_MEMORY=0 (glibc's default malloc behaviour, as TRL runs)
   trl-hf-kept      trl-hf with the same malloc setting: the TRL worker calls systems.keep_freed_memory()
                    before it builds anything (GLIBC_TUNABLES did not reproduce mallopt's effect on a 256 MiB
                    block in our probe, so the worker makes the same calls); also compared on its own line.
@@ -53,7 +53,6 @@ import dataclasses
 import glob
 import importlib.metadata
 import json
-import math
 import os
 import shutil
 import statistics
@@ -344,11 +343,12 @@ def run_one(name: str, args: Args, steps: int, p: tg.Args, work: str) -> dict:
         cmd = [sys.executable, "train_grlo.py", "--preset", PRESET, "--model", p.model, "--reward-model", p.reward_model,
                "--max-steps", str(steps), "--output-dir", out, "--save-every", "0", "--sample-every", "0"]  # fmt: skip
         cmd += ["--no-use-vllm"] if name == "ours-hf" else []
-        cmd += ["--no-keep-freed-memory"] if name == "ours-vllm-glibc" else []
+        if name == "ours-vllm-glibc":  # systems.keep_freed_memory off: glibc's defaults
+            env["GRLO_KEEP_FREED_MEMORY"] = "0"
     else:
         # TRL's colocated engine sizes its KV cache from vllm_gpu_memory_utilization, which on CPU is a share of
         # all RAM minus what the process already holds (gigabytes); this legacy variable pins it to ours.
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(p.vllm_cpu_kv_cache_gb))
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB, as systems.build_vllm gives our engine on CPU
         mode = name.split("-", 1)[1].removesuffix("-kept")
         cmd = [sys.executable, os.path.abspath(__file__), "--trl-worker", mode, "--steps", str(steps),
                "--output-json", os.path.join(work, f"{name}.json"), "--trl-grad-accum", str(args.trl_grad_accum)]  # fmt: skip
