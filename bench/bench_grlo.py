@@ -59,6 +59,11 @@ class Args:
     """skip part 1 (the vLLM vs HF rollout comparison)"""
     skip_steps: bool = False
     """skip parts 2 and 3 (the train_grlo.py runs)"""
+    against: str = ""
+    """a git ref (e.g. a commit before a refactor): run only the preset's step, alternating this tree's
+    train_grlo.py with the ref's `against_runs` times each, and print the step-time ratio; "" = the full benchmark"""
+    against_runs: int = 3
+    """runs of each side with --against"""
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -137,16 +142,16 @@ def decode_matmul_floor(config, dtype: torch.dtype, lengths: list, prompt_tokens
     return sum(per_m[m] for m in rows_per_step) + forward_s(prompt_tokens, with_head=False)
 
 
-def step_bench(args: Args, paths: dict, dtype: str, extra: list):
+def step_bench(args: Args, paths: dict, dtype: str, extra: list, root: str = ROOT):
     """A real cpu-smollm2 run; returns per-phase median seconds and median prompt / completion tokens per step
     that the update forwards: with --share-prompt (the preset's default) each prompt counts once per group."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoTokenizer
 
     out = tempfile.mkdtemp(prefix="bench_grlo_")
-    cmd = [sys.executable, os.path.join(ROOT, "train_grlo.py"), "--preset", "cpu-smollm2", "--max-steps",
+    cmd = [sys.executable, os.path.join(root, "train_grlo.py"), "--preset", "cpu-smollm2", "--max-steps",
            str(args.train_steps), "--save-every", "0", "--output-dir", out, "--dtype", dtype, "--sample-every", "0", *extra]  # fmt: skip
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     acc = EventAccumulator(out)
     acc.Reload()
     median = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # noqa: E731
@@ -183,8 +188,32 @@ def train_flops(paths: dict, prompt_tokens: int, completion_tokens: int) -> floa
     return 6 * body * (prompt_tokens + completion_tokens) + 6 * head * completion_tokens
 
 
+def against(args: Args, paths: dict) -> None:
+    """This tree's train_grlo.py against a git ref's, side by side: the cpu-smollm2 preset (fp32), alternating
+    A B A B ... so that a drift of the machine's speed hits both; medians of the per-run median step times."""
+    ref_dir = tempfile.mkdtemp(prefix="bench_ref_")
+    subprocess.run(["git", "worktree", "add", "--detach", "-f", ref_dir, args.against], cwd=ROOT, check=True)
+    os.symlink(os.path.join(ROOT, "local_models"), os.path.join(ref_dir, "local_models"))
+    try:
+        times = {"this tree": [], args.against: []}
+        for _ in range(args.against_runs):
+            for name, root in (("this tree", ROOT), (args.against, ref_dir)):
+                phases, _, _ = step_bench(args, paths, "float32", [], root)
+                times[name].append(phases)
+                print(f"   {name:>12}: step {phases['step']:.2f}s (train {phases['train']:.2f}s)", flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", ref_dir], cwd=ROOT, check=False)
+    median = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # noqa: E731
+    for key in ("step", "rollout", "reward", "train", "weight_sync"):
+        a, b = (median([p[key] for p in times[n]]) for n in times)
+        print(f"   {key:>12}: this tree {a:6.2f}s | {args.against} {b:6.2f}s | ratio {a / b:.3f}")
+
+
 def main(args: Args):
     paths = local_models.build_smollm2(local_models.DEFAULT_DIR)
+    if args.against:
+        print(f"train_grlo.py --preset cpu-smollm2, this tree vs {args.against}, median of steps 2..{args.train_steps}")
+        return against(args, paths)
     peaks = {dt: matmul_peak(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
     print(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__}, matmul peak fp32 {peaks['float32']:.1f} / bf16 {peaks['bfloat16']:.1f} GFLOP/s"

@@ -27,6 +27,7 @@ BOXED_INSTRUCTION = "Give the final answer as \\boxed{answer}, replacing answer 
 ARITH_SEED = 1234
 ARITH_TRAIN_SIZE = 1000
 ARITH_TEST_SIZE = 200
+ARITH_RM_SIZE = 800  # prompts for reward-model preference pairs (make_preferences.py), disjoint from both
 
 
 # ---- 1. open-ended prompts (reward-model scored) ----
@@ -146,20 +147,24 @@ def arith_problem(rng):
 
 
 def make_arith():
-    """Return (train_rows, test_rows) of unique problems; no prompt appears in both splits."""
+    """Return (train_rows, test_rows, rm_rows) of unique problems; no prompt appears in two splits. The rm split
+    is drawn after the other two from the same stream, so adding it left train and test byte for byte as they were."""
     rng = random.Random(ARITH_SEED)
     seen, problems = set(), []
-    while len(problems) < ARITH_TRAIN_SIZE + ARITH_TEST_SIZE:
+    while len(problems) < ARITH_TRAIN_SIZE + ARITH_TEST_SIZE + ARITH_RM_SIZE:
         question, answer = arith_problem(rng)
         content = f"{question} {BOXED_INSTRUCTION}"
         if content not in seen:  # dedupe so the two splits cannot share a prompt
             seen.add(content)
             problems.append((content, answer))
-    train, test = problems[:ARITH_TRAIN_SIZE], problems[ARITH_TRAIN_SIZE:]
-    assert not {c for c, _ in train} & {c for c, _ in test}, "train and test share a prompt"
+    n = ARITH_TRAIN_SIZE + ARITH_TEST_SIZE
+    train, test, rm = problems[:ARITH_TRAIN_SIZE], problems[ARITH_TRAIN_SIZE:n], problems[n:]
+    splits = [{c for c, _ in part} for part in (train, test, rm)]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2]), "two splits share a prompt"
     train_rows = [row("grlo/arith", c, "math", "rule", str(a), "train", i) for i, (c, a) in enumerate(train)]
     test_rows = [row("grlo/arith", c, "math", "rule", str(a), "test", i) for i, (c, a) in enumerate(test)]
-    return train_rows, test_rows
+    rm_rows = [row("grlo/arith", c, "math", "rule", str(a), "rm", i) for i, (c, a) in enumerate(rm)]
+    return train_rows, test_rows, rm_rows
 
 
 # ---- 3. code tasks (rule scored by running asserts) ----
@@ -341,12 +346,13 @@ def main():
     assert len(OPEN_PROMPTS) == 64 and len(set(OPEN_PROMPTS)) == 64
     assert all(len(p) <= 200 for p in OPEN_PROMPTS), "open prompts must stay short for CPU prompt limits"
     open_rows = [row("grlo/open_prompts", p, "general", "model", "", "train", i) for i, p in enumerate(OPEN_PROMPTS)]
-    arith_train, arith_test = make_arith()
+    arith_train, arith_test, arith_rm = make_arith()
     code_rows, code_solutions = make_code_tasks()
 
     write_jsonl("open_prompts.jsonl", open_rows)
     write_jsonl("arith_train.jsonl", arith_train)
     write_jsonl("arith_test.jsonl", arith_test)
+    write_jsonl("arith_rm.jsonl", arith_rm)
     write_jsonl("code_tasks.jsonl", code_rows)
     write_jsonl("code_tasks_solutions.jsonl", code_solutions)
 
