@@ -117,6 +117,27 @@ def load_rows(dataset: str, split: str = "train", to_row=to_row) -> list:
 
 
 # ---- 1. reward model (Skywork-Reward-V2 convention, CONTEXT.md) ----
+def pad_right(seqs: list, pad_id: int) -> tuple:
+    """(input_ids, attention_mask), both (B, T) for B token-id lists: right padding, mask 1 on real tokens."""
+    input_ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) scores of a sequence-classification model (num_labels=1), read at each row's last real token of a
+    right-padded batch. We pool ourselves: pad_token_id may be missing or equal EOS, which would fool the model's
+    own pooling. The head is linear, so pool-then-score equals the model's score at that position."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    last = attention_mask.sum(-1) - 1  # (B,)
+    pooled = hidden[torch.arange(len(input_ids), device=hidden.device), last.to(hidden.device)]  # (B, H)
+    return model.score(pooled)[:, 0]
+
+
 class RewardModel:
     """A sequence-classification RM with num_labels=1. Each Accelerate rank scores its own samples."""
 
@@ -163,6 +184,15 @@ class RewardModel:
         # The rendered template already holds BOS if the RM wants one; a second BOS breaks Skywork scores.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def encode(self, messages: list[dict], response: str) -> tuple[list[int], bool]:
+        """Token ids of the conversation `messages` + `response` exactly as score() feeds them to the model, and
+        whether --max-length cut it: EOS text at the response's end stripped (responses are decoded with special
+        tokens), the RM tokenizer's chat template applied, a long response cut from the left. train_rm.py
+        trains on these ids, so training and scoring see the same tokens."""
+        while response.endswith(self.eos_texts):
+            response = response[: -len(next(e for e in self.eos_texts if response.endswith(e)))]
+        return self._encode(messages, response)
+
     def _encode(self, messages: list[dict], response: str) -> tuple[list[int], bool]:
         """Token ids of the conversation, and whether it had to be truncated to max_length."""
         ids = self._ids(self._render(messages, response))
@@ -184,11 +214,7 @@ class RewardModel:
     @torch.inference_mode()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
         """One scalar per (prompt messages, response text); unbounded logits, higher is better."""
-        encoded = []
-        for messages, response in zip(prompts, responses, strict=True):
-            while response.endswith(self.eos_texts):  # decoded with special tokens: strip EOS text
-                response = response[: -len(next(e for e in self.eos_texts if response.endswith(e)))]
-            encoded.append(self._encode(messages, response))
+        encoded = [self.encode(messages, response) for messages, response in zip(prompts, responses, strict=True)]
         self.last_num_truncated = sum(cut for _, cut in encoded)
         self.num_truncated += self.last_num_truncated
         if self.last_num_truncated:
@@ -205,18 +231,9 @@ class RewardModel:
         scores = [0.0] * len(encoded)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            seqs = [encoded[i][0] for i in batch]
-            input_ids = torch.full((len(seqs), max(map(len, seqs))), self.pad_id, dtype=torch.long)  # (B, T)
-            attention_mask = torch.zeros_like(input_ids)  # (B, T), 1 on real tokens
-            for row, seq in enumerate(seqs):
-                input_ids[row, : len(seq)] = torch.tensor(seq)
-                attention_mask[row, : len(seq)] = 1
-            hidden = backbone(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
-            # Pool ourselves at the last real token (right padding): pad_token_id may be missing or equal
-            # EOS, which would fool the model's own pooling. The head is linear, so pool-then-score is exact.
-            last = attention_mask.sum(-1) - 1  # (B,)
-            pooled = hidden.last_hidden_state[torch.arange(len(seqs)), last.to(self.device)]  # (B, H)
-            for i, value in zip(batch, self.model.score(pooled)[:, 0].float().tolist()):
+            input_ids, attention_mask = pad_right([encoded[i][0] for i in batch], self.pad_id)  # (B, T) each
+            values = last_token_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+            for i, value in zip(batch, values.float().tolist()):
                 scores[i] = value
         return scores
 

@@ -247,7 +247,7 @@ def main(args: Args):
             f"   {name:22s} {cols}{100 * phases['weight_sync'] / phases['step']:5.2f}%  {c_tok / phases['rollout']:8.1f}"
         )
     print("   (target: weight sync <= 2% of the step; 'no shared prompt' = --no-share-prompt: each sample forwards")
-    print("    its own copy of the prompt in the update and the RM, the eq. 8 A/B)")
+    print("    its own copy of the prompt in the update and the RM, the --share-prompt A/B)")
 
     print("\n3. training phase vs the matmul peak of its dtype")
     for name in ("fp32 G=4 64 tok", "bf16 G=4 64 tok"):

@@ -639,7 +639,7 @@ def test_reward_model_matches_hand_forward_pass(rm):
 
 
 def test_shared_prefix_attention_equals_sdpa_with_the_whole_mask():
-    """The block-wise attention skips only blocks the eq. 8 mask hides: same outputs and gradients as sdpa
+    """The block-wise attention skips only blocks the shared-prompt mask hides: same outputs and gradients as sdpa
     over the whole (L, L) mask, with GQA, a left-padded prefix, padded and empty slots."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -689,7 +689,7 @@ def test_shared_prefix_attention_refuses_attention_that_misreads_the_mask(tiny_m
 
 
 def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, sdpa_calls):
-    """share_prefix (train_grlo eq. 8): groups of the same prompt in one row each give the per-sample scores,
+    """share_prefix (the --share-prompt layout): groups of the same prompt in one row each give the per-sample scores,
     with groups of different sizes, an empty response, a singleton, and a row larger than batch_size."""
     shared = reward.RewardModel(tiny_models["reward"], batch_size=3, share_prefix=True)
     group = lambda k: [SAMPLES[k][0]] * 4  # noqa: E731

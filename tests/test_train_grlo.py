@@ -258,7 +258,7 @@ def test_shared_prompt_row_layout_positions_and_mask():
 
 
 def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, sdpa_calls):
-    """One row per group (eq. 8) against one row per sample: same log-probs, entropies and gradients,
+    """One row per group (--share-prompt) against one row per sample: same log-probs, entropies and gradients,
     also for a group cut short by a mini-batch boundary, with fewer tokens forwarded; with sdpa over the
     whole mask and with systems.shared_prefix_attention (what main sets), whose block-wise path must run."""
     from transformers import AutoModelForCausalLM
@@ -551,7 +551,7 @@ def test_two_process_launch_with_vllm(tmp_path, tiny_models):
 def test_resume_after_hard_kill_reproduces_the_run(tmp_path, tiny_models):
     from safetensors.torch import load_file
 
-    # --share-prompt here, so the eq. 8 path runs end to end with vLLM and must be exactly reproducible too
+    # --share-prompt here, so the shared-prompt path runs end to end with vLLM and must be exactly reproducible too
     common = [
         PY,
         "train_grlo.py",
