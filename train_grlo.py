@@ -362,24 +362,15 @@ def old_and_ref_logprobs(model, ref_model, accelerator, args: Args, prompt_ids, 
 
 
 def train_on_batch(
-    model,
-    ref_model,
-    optimizer,
-    scheduler,
-    accelerator,
-    args: Args,
-    prompt_ids,
-    completion_ids,
-    sampler_logprobs,
-    advantages,
-    loss_mask_seq,
-    pad_id,
+    model, ref_model, optimizer, scheduler, accelerator, args: Args, samples, advantages, loss_mask_seq, pad_id
 ):
     """Eq. 2-6 over one rollout batch: `num_minibatches` optimizer steps, `ppo_epochs` times.
 
     Returns (sums of per-token statistics, grad norms). Raises FloatingPointError on a non-finite gradient norm
     (all ranks see the same all-reduced norm, so all stop): before the optimizer step, or under DeepSpeed, whose
-    engine steps inside backward, just after it; the message says which."""
+    engine steps inside backward, just after it; the message says which. samples = (prompt_ids, completion_ids,
+    sampler_logprobs or None), one entry per completion, as `rollout` returns them."""
+    prompt_ids, completion_ids, sampler_logprobs = samples
     device, world, n = accelerator.device, accelerator.num_processes, len(completion_ids)
     model.train()
     group = args.num_generations if args.share_prompt else 1  # --share-prompt: one prompt forward per group
@@ -514,19 +505,9 @@ def main(args: Args):
 
         # ---- 5. update: mini-batches x epochs, micro-batches by token budget (eq. 2-6) ----
         t0 = time.time()
+        samples = (prompt_ids, completion_ids, sampler_logprobs)
         sums, grad_norms = train_on_batch(
-            model,
-            ref_model,
-            optimizer,
-            scheduler,
-            accelerator,
-            args,
-            prompt_ids,
-            completion_ids,
-            sampler_logprobs,
-            advantages,
-            loss_mask_seq,
-            pad_id,
+            model, ref_model, optimizer, scheduler, accelerator, args, samples, advantages, loss_mask_seq, pad_id
         )
         t_train = time.time() - t0
 
