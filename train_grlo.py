@@ -19,12 +19,13 @@ tokens, 4 PPO mini-batches. Speed, memory and backend plumbing live in systems.p
     accelerate launch --config_file configs/deepspeed_zero3.yaml train_grlo.py --dataset train.jsonl  # 4 GPUs
 """
 
+import dataclasses
 import hashlib
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the engine in this process (weight sync reaches it)
 import torch
@@ -41,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @dataclass
 class Args:
     # experiment
-    preset: Literal["paper", "cpu-smoke", "cpu-smollm2"] = "paper"
+    preset: Literal["paper", "cpu-smoke", "cpu-smollm2", "cpu-arith-rm"] = "paper"
     """named config whose values become the defaults; give it first, later flags override it"""
     exp_name: str = "grlo"
     """run name for TensorBoard and wandb"""
@@ -65,6 +66,10 @@ class Args:
     """split for hub datasets"""
     max_prompt_length: int = 1024
     """prompts longer than this many tokens (after the chat template) are dropped and counted"""
+    eval_dataset: Optional[str] = None
+    """held-out rows with ground truth, answered greedily and verified every eval_every steps; None disables"""
+    eval_limit: int = 0
+    """score only the first N held-out rows; 0 = all"""
 
     # rollout
     num_generations: int = 8
@@ -79,6 +84,8 @@ class Args:
     """nucleus sampling; 1.0 disables"""
 
     # algorithm
+    judge: Literal["row", "reward-model"] = "row"
+    """who scores a completion: each row's reward_model.style (reward.py), or the reward model for every row"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage scale: group std (GRPO), whole-batch std, or none (Dr. GRPO)"""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "constant"] = "token-mean"
@@ -122,7 +129,9 @@ class Args:
     max_steps: int = 0
     """stop after this many steps; 0 = num_epochs over the data"""
 
-    # checkpoint
+    # eval / checkpoint
+    eval_every: int = 10
+    """verify the held-out set every N steps (and before the first and after the last); 0 disables"""
     save_every: int = 50
     """save a checkpoint every N steps (and at the end); 0 = only at the end"""
     keep_last: int = 2
@@ -188,6 +197,29 @@ PRESETS = {
         share_prompt=True,  # short completions: the prompt is ~40% of each sample's tokens
         **CPU,
     ),
+    # RLHF with a learned RM on verifiable prompts: train_rm.py --preset cpu-arith's RM is the only reward; the
+    # verifier only measures (gold held-out accuracy). The settings of train_rlvr.py --preset cpu-arith.
+    "cpu-arith-rm": Args(
+        preset="cpu-arith-rm",
+        model=f"{LOCAL}/smollm2-135m",
+        reward_model="runs/rm-cpu-arith/final",
+        output_dir="runs/cpu-arith-rm",
+        dataset=os.path.join(HERE, "data", "arith_train.jsonl"),
+        eval_dataset=os.path.join(HERE, "data", "arith_test.jsonl"),
+        judge="reward-model",
+        max_prompt_length=256,
+        max_new_tokens=128,
+        temperature=0.7,
+        clip_eps_high=0.28,
+        overlong="penalty",
+        overlong_buffer=32,
+        learning_rate=1e-5,
+        max_steps=20,
+        eval_every=5,
+        save_every=20,
+        token_budget=4096,
+        **{**CPU, "num_generations": 8},
+    ),
 }
 
 
@@ -195,6 +227,9 @@ def check_args(args: Args, world: int) -> None:
     """Refuse impossible configurations in seconds, before any weights load, naming the flags to change."""
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by {world} processes")
+    for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):  # a hub id is org/name
+        if not os.path.isdir(path) and (path.count("/") != 1 or path.startswith((".", "/"))):
+            raise ValueError(f"{flag} {path}: no such folder (runs/rm-*: train it with train_rm.py first)")
     flags = f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}"
     systems.check_context_length(args.model, args.max_prompt_length + args.max_new_tokens, flags)
     row = args.max_prompt_length + args.num_generations * args.max_new_tokens
@@ -433,6 +468,28 @@ def train_on_batch(
     return sums, grad_norms
 
 
+# ---- 7. log: held-out accuracy ----
+def evaluate_heldout(
+    llm, model, accelerator, args: Args, rows: list, prompt_ids: list, eos_ids: list, pad_id, tokenizer
+):
+    """Greedy accuracy on held-out rows, judged by `reward.compute_rewards` like evaluate.py (the verifier for rows
+    with ground truth: the gold measure, never a training reward); data-parallel over ranks."""
+    greedy = dataclasses.replace(args, temperature=0.0, num_generations=1)
+    mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    scores = []
+    # a rank without rows still decodes one (discarded): under ZeRO-3/FSDP every HF decoding step is a collective
+    _, completion_ids, _, truncated = rollout(
+        llm, model, accelerator, greedy, prompt_ids, mine or [0], 0, eos_ids, pad_id
+    )
+    truncated = truncated[: len(mine)]
+    if mine:
+        responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        scores, _ = reward.compute_rewards([rows[i] for i in mine], responses)
+    totals = torch.tensor([sum(scores), len(scores), sum(truncated)], dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(totals, "sum")
+    return {"eval/accuracy": float(totals[0] / totals[1]), "eval/clipped_ratio": float(totals[2] / totals[1])}
+
+
 # ---- setup ----
 def build_models(args: Args, accelerator, max_steps: int, log, need_reward_model: bool = True):
     """The policy with AdamW and its schedule; the frozen reward model (if needed) and reference (if --kl-coef),
@@ -456,7 +513,11 @@ def main(args: Args):
     rows, prompt_ids_all, n_dropped = tokenize_prompts(rows, tokenizer, args.max_prompt_length)
     if not rows:
         raise ValueError(f"{args.dataset}: no prompt fits --max-prompt-length {args.max_prompt_length}")
-    reward.check_sandbox(rows)  # rows judged by running code: the sandbox must work before anything loads
+    eval_rows, eval_ids = [], []
+    if args.eval_dataset and args.eval_every:
+        eval_rows = reward.load_rows(args.eval_dataset, "test")[: args.eval_limit or None]
+        eval_rows, eval_ids, _ = tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
+    reward.check_sandbox(rows + eval_rows)  # rows judged by running code: the sandbox must work before anything loads
     max_steps = args.max_steps or args.num_epochs * math.ceil(len(rows) / args.prompts_per_step)
     if writer is not None:  # --max-prompt-length silently shortens the data otherwise
         writer.add_scalar("charts/prompts_dropped", n_dropped, 0)
@@ -472,6 +533,12 @@ def main(args: Args):
         systems.sync_weights(llm, model, accelerator)
     rollouts_path = os.path.join(args.output_dir, "rollouts.jsonl")
     rollout_file = open(rollouts_path, "a") if accelerator.is_main_process else None
+    if eval_rows and start_step == 0:
+        model.eval()
+        accuracy = evaluate_heldout(llm, model, accelerator, args, eval_rows, eval_ids, eos_ids, pad_id, tokenizer)
+        log(f"eval before training | accuracy {accuracy['eval/accuracy']:.4f} on {len(eval_rows)} held-out problems")
+        if writer is not None:
+            writer.add_scalar("eval/accuracy", accuracy["eval/accuracy"], 0)
 
     B_local, G = args.prompts_per_step // world, args.num_generations
     for step in range(start_step, max_steps):
@@ -493,7 +560,8 @@ def main(args: Args):
         # ---- 3. reward: the judge's score (reward.compute_rewards routes by reward_model.style), shaped (eq. 7) ----
         t0 = time.time()
         responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        scores_list, reward_stats = reward.compute_rewards(batch_rows, responses, reward_model)
+        judged = batch_rows if args.judge == "row" else [{**r, "reward_model": {"style": "model"}} for r in batch_rows]
+        scores_list, reward_stats = reward.compute_rewards(judged, responses, reward_model)
         scores = torch.tensor(scores_list, dtype=torch.float32, device=device)  # (B_local*G,)
         rewards, loss_mask_seq = shape_rewards(scores, completion_ids, truncated, args)
         t_reward = time.time() - t0
@@ -543,6 +611,9 @@ def main(args: Args):
             "time/weight_sync": t_sync,
             "time/step": step_time,
         }
+        if eval_rows and ((step + 1) % args.eval_every == 0 or step + 1 == max_steps):
+            model.eval()
+            metrics |= evaluate_heldout(llm, model, accelerator, args, eval_rows, eval_ids, eos_ids, pad_id, tokenizer)
         if accelerator.is_main_process:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step + 1)
@@ -552,7 +623,8 @@ def main(args: Args):
             f"step {step + 1:>5}/{max_steps} | reward {m['rewards/mean']:+.4f} ± {m['rewards/std']:.4f} "
             f"| len {m['completions/mean_length']:6.1f} clip {m['completions/clipped_ratio']:.2f} "
             f"| loss {m['losses/policy_loss']:+.5f} ent {m['losses/entropy']:.3f} gnorm {m['losses/grad_norm']:.3f} "
-            f"| {step_time:5.1f}s (roll {t_rollout:.1f} rew {t_reward:.1f} train {t_train:.1f} sync {t_sync:.2f})"
+            + (f"| eval {m['eval/accuracy']:.4f} " if "eval/accuracy" in m else "")
+            + f"| {step_time:5.1f}s (roll {t_rollout:.1f} rew {t_reward:.1f} train {t_train:.1f} sync {t_sync:.2f})"
         )
         if args.sample_every and (step + 1) % args.sample_every == 0:
             prompt, completion = batch_rows[0]["prompt"][-1]["content"], responses[0]

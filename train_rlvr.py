@@ -210,6 +210,9 @@ def check_args(args: Args, world: int) -> None:
     """Refuse impossible configurations in seconds, before any weights load, naming the flags to change."""
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by {world} processes")
+    for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):  # a hub id is org/name
+        if not os.path.isdir(path) and (path.count("/") != 1 or path.startswith((".", "/"))):
+            raise ValueError(f"{flag} {path}: no such folder (runs/rm-*: train it with train_rm.py first)")
     flags = f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}"
     systems.check_context_length(args.model, args.max_prompt_length + args.max_new_tokens, flags)
     row = args.max_prompt_length + args.num_generations * args.max_new_tokens
@@ -488,10 +491,12 @@ def train_on_batch(
 
 
 # ---- 7. log: held-out accuracy ----
+# Copied from train_grlo.evaluate_heldout
 def evaluate_heldout(
     llm, model, accelerator, args: Args, rows: list, prompt_ids: list, eos_ids: list, pad_id, tokenizer
 ):
-    """Greedy accuracy on held-out rows, judged by `reward.compute_rewards` like evaluate.py; data-parallel."""
+    """Greedy accuracy on held-out rows, judged by `reward.compute_rewards` like evaluate.py (the verifier for rows
+    with ground truth: the gold measure, never a training reward); data-parallel over ranks."""
     greedy = dataclasses.replace(args, temperature=0.0, num_generations=1)
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
     scores = []

@@ -385,7 +385,11 @@ def main(args: Args):
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == max_steps:
             systems.save_checkpoint(accelerator, model, rm.tokenizer, args.output_dir, step + 1, args.keep_last)
 
-    if writer is not None:
+    if accelerator.is_main_process:  # a stable name for the last checkpoint: --reward-model <output_dir>/final
+        final = os.path.join(args.output_dir, "final")
+        if os.path.islink(final):
+            os.remove(final)
+        os.symlink(f"checkpoint-{max_steps}", final)
         writer.close()
     accelerator.end_training()
 

@@ -637,3 +637,16 @@ def test_fsdp2_sharded_weights_sync_into_vllm(tiny_models):
         [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp2_sync_check.py", tiny_models["policy"]]
     )
     assert proc.stdout.count("FSDP2 sync OK") == 2
+
+
+def test_judge_reward_model_scores_rule_rows_and_gold_eval_verifies(tmp_path, tiny_models):
+    """--judge reward-model: the RM scores the arithmetic rows (unbounded logits, not the verifier's 0/1), while
+    --eval-dataset is verified (gold accuracy) before training, at --eval-every and at the end."""
+    out = tmp_path / "run"
+    proc = run_script([PY, "train_grlo.py", "--preset", "cpu-smoke", "--model", tiny_models["policy"],
+                       "--reward-model", tiny_models["reward"], "--dataset", os.path.join(ROOT, "data", "arith_train.jsonl"),
+                       "--eval-dataset", os.path.join(ROOT, "data", "arith_test.jsonl"), "--eval-limit", "8",
+                       "--judge", "reward-model", "--max-steps", "2", "--eval-every", "1", "--output-dir", str(out)])  # fmt: skip
+    assert "eval before training | accuracy" in proc.stdout and proc.stdout.count("| eval ") == 2
+    scores = [r["score"] for r in _rollouts(str(out))]
+    assert len(scores) == 2 * 8 * 4 and any(s not in (0.0, 1.0) for s in scores)  # the RM's logits, not 0/1
