@@ -182,6 +182,15 @@ def drop_fp32_output_cast(model, accelerator: Accelerator) -> None:
         inner.forward = inner._original_forward
 
 
+def check_model_path(flag: str, path: str) -> None:
+    """Fail in seconds when `path` names a local folder that does not exist. A hub id has the form org/name; any
+    other path (runs/rm-cpu-arith/final, ./x, /x) must be a folder, or transformers would fail later with a
+    repo-id error. A `runs/` reward model comes from train_rm.py."""
+    if not os.path.isdir(path) and (path.count("/") != 1 or path.startswith((".", "/"))):
+        hint = " (train it first with train_rm.py)" if flag == "--reward-model" else ""
+        raise ValueError(f"{flag} {path}: no such folder{hint}")
+
+
 def check_context_length(model_path: str, needed: int, what: str) -> None:
     """Fail in seconds, before any weights load, when `needed` tokens exceed the model's context.
 

@@ -227,9 +227,7 @@ def check_args(args: Args, world: int) -> None:
     """Refuse impossible configurations in seconds, before any weights load, naming the flags to change."""
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by {world} processes")
-    for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):  # a hub id is org/name
-        if not os.path.isdir(path) and (path.count("/") != 1 or path.startswith((".", "/"))):
-            raise ValueError(f"{flag} {path}: no such folder (runs/rm-*: train it with train_rm.py first)")
+    systems.check_model_path("--model", args.model)
     flags = f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}"
     systems.check_context_length(args.model, args.max_prompt_length + args.max_new_tokens, flags)
     row = args.max_prompt_length + args.num_generations * args.max_new_tokens
@@ -494,6 +492,8 @@ def evaluate_heldout(
 def build_models(args: Args, accelerator, max_steps: int, log, need_reward_model: bool = True):
     """The policy with AdamW and its schedule; the frozen reward model (if needed) and reference (if --kl-coef),
     whole on every rank; this rank's vLLM engine (or None). Frozen models and vLLM run in the compute dtype."""
+    if need_reward_model:  # before any weights load
+        systems.check_model_path("--reward-model", args.reward_model)
     model, optimizer, scheduler = build_policy(args, accelerator, max_steps)
     reward_model, ref_model, llm = systems.frozen_models_and_vllm(args, accelerator, need_reward_model)
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"

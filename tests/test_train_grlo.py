@@ -650,3 +650,11 @@ def test_judge_reward_model_scores_rule_rows_and_gold_eval_verifies(tmp_path, ti
     assert "eval before training | accuracy" in proc.stdout and proc.stdout.count("| eval ") == 2
     scores = [r["score"] for r in _rollouts(str(out))]
     assert len(scores) == 2 * 8 * 4 and any(s not in (0.0, 1.0) for s in scores)  # the RM's logits, not 0/1
+
+
+def test_missing_local_model_folder_fails_in_seconds(tmp_path):
+    systems.check_model_path("--reward-model", "Skywork/Skywork-Reward-V2-Llama-3.1-8B")  # a hub id: left to the hub
+    systems.check_model_path("--model", str(tmp_path))  # an existing folder
+    for path in ("runs/rm-cpu-arith/final", "./rm", str(tmp_path / "missing")):
+        with pytest.raises(ValueError, match=f"--reward-model {path}: no such folder"):
+            systems.check_model_path("--reward-model", path)
