@@ -360,6 +360,10 @@ import torch
 import systems
 if sys.argv[1] == "keep":
     assert systems.keep_freed_memory(), "mallopt refused the settings"
+if sys.argv[1] == "env-off":  # what the stages call on CPU, with the A/B switch set
+    import os
+    os.environ["GRLO_KEEP_FREED_MEMORY"] = "0"
+    assert not systems.keep_freed_memory(), "GRLO_KEEP_FREED_MEMORY=0 was ignored"
 faults = []
 for _ in range(5):  # allocate and touch 40 x 8 MiB and 256 MiB (a step's logits), free it all, repeat
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -378,7 +382,7 @@ def test_keep_freed_memory_stops_page_faults_on_reuse():
         out = subprocess.run([PY, "-c", KEEP_FREED_PROBE, mode], cwd=ROOT, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    default, kept = faults("default"), faults("keep")
+    default, kept, env_off = faults("default"), faults("keep"), faults("env-off")
     # glibc's default maps the first round's blocks fresh and unmaps them on free, so round 2 faults all
     # 576 MiB in again (147456 4-KiB pages), and every later round at least the 256 MiB block (whether also
     # the 8 MiB ones depends on glibc's adaptive threshold; measured both ways). With keep_freed_memory no
@@ -388,6 +392,7 @@ def test_keep_freed_memory_stops_page_faults_on_reuse():
     pages = (40 * 2**21 + 2**26) * 4 // 4096
     assert default[0] > 0.8 * pages and default[1] > 0.8 * pages and min(default[2:]) > 0.4 * pages, default
     assert kept[0] > 0.8 * pages and max(kept[3:]) < 0.05 * kept[0] and sum(kept[1:]) < pages, kept
+    assert env_off[1] > 0.8 * pages and min(env_off[2:]) > 0.4 * pages, env_off  # glibc's defaults, as `default`
 
 
 def test_eos_ids_include_tokenizer_and_generation_config(tiny_models):
