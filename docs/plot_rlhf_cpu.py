@@ -79,7 +79,7 @@ def main(args: Args):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    ax_gold.legend(fontsize=8, loc="lower right")
+    ax_len.legend(fontsize=8, loc="upper right")  # the empty corner of the three panels
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
