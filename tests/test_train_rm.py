@@ -112,3 +112,16 @@ def test_resume_after_hard_kill_gives_the_same_weights(tmp_path, tiny_models):
     wb = load_file(str(part / "checkpoint-6" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any("score" in k for k in wa)  # the head is saved under the names RewardModel loads
+
+
+def test_help_and_docs_cover_every_flag():
+    import dataclasses
+    import os
+
+    from conftest import ROOT
+
+    out = run_script([PY, "train_rm.py", "--help"]).stdout
+    doc = open(os.path.join(ROOT, "docs", "train_rm.md")).read()
+    for f in dataclasses.fields(train_rm.Args):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out and f"`{flag}`" in doc, flag
