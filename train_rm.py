@@ -268,14 +268,17 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 def evaluate_pairs(model, accelerator, pairs: list, pad_id: int, token_budget: int) -> dict:
     """Held-out pairwise accuracy (r_c > r_r) and mean margin r_c - r_r, data-parallel over ranks."""
     model.eval()
-    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    world = accelerator.num_processes
+    mine = list(range(accelerator.process_index, len(pairs), world))
+    # Every rank scores the same number of pairs, so lockstep can always even out the micro-batch counts (under
+    # ZeRO-3 every forward is a collective). A short rank pads with -1: scored (as pairs[-1]), never counted.
+    mine += [-1] * (math.ceil(len(pairs) / world) - len(mine))
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # correct, margin sum, count
-    micro = systems.lockstep(pair_microbatches(pairs, mine, token_budget) or [[0]], accelerator)
-    for m in micro:  # a rank without pairs scores pair 0 and drops it: under ZeRO-3 every forward is a collective
+    for m in systems.lockstep(pair_microbatches(pairs, mine, token_budget), accelerator):
         with accelerator.autocast():
             rc, rr = pair_scores(model, pairs, m, pad_id, accelerator.device)
-        if mine:
-            totals += torch.stack([(rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(m))]).double()
+        real = torch.tensor([i >= 0 for i in m], device=rc.device)
+        totals += torch.stack([((rc > rr) & real).sum(), ((rc - rr) * real).sum(), real.sum()]).double()
     totals = accelerator.reduce(totals, "sum")
     model.train()
     return {"eval/accuracy": float(totals[0] / totals[2]), "eval/margin": float(totals[1] / totals[2])}

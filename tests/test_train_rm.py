@@ -3,12 +3,13 @@ exact resume after SIGKILL, bad rows named by file, line and field."""
 
 import json
 import math
+import os
 import random
 import sys
 
 import pytest
 import torch
-from conftest import kill_when_exists, run_script
+from conftest import LAUNCH_2, ROOT, kill_when_exists, run_script
 
 import reward
 import train_rm
@@ -114,11 +115,46 @@ def test_resume_after_hard_kill_gives_the_same_weights(tmp_path, tiny_models):
     assert any("score" in k for k in wa)  # the head is saved under the names RewardModel loads
 
 
+def test_two_processes_train_as_one_and_score_an_uneven_eval_set(tmp_path, tiny_models):
+    """`accelerate launch` with 2 gloo ranks, under DDP and under DeepSpeed ZeRO-3 (the GPU command's config), gives
+    one process's losses, held-out accuracy and saved weights. The budget holds one pair per forward, so the 3
+    held-out pairs are 2 micro-batches on rank 0 and 1 on rank 1: before the fix, lockstep could not split rank 1's
+    single pair and the launch died ("cannot split")."""
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, test = toy_pairs(tmp_path / "train.jsonl", 64, 5), toy_pairs(tmp_path / "test.jsonl", 3, 6)
+    rm = reward.RewardModel(tiny_models["policy"], max_length=10**6)
+    longest = max(len(seq) for f in (train, test) for pair in train_rm.load_pairs(f, "x", rm.encode)[0] for seq in pair)
+    common = ["--max-steps", "3", "--eval-every", "0", "--save-every", "3", "--max-length", str(longest),
+              "--token-budget", str(2 * longest)]  # fmt: skip
+    zero3 = [PY, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", "deepspeed_zero3.yaml"),
+             "--num_processes", "2", "--mixed_precision", "no"]  # fmt: skip
+
+    def events(run_dir):
+        acc = EventAccumulator(str(run_dir))
+        acc.Reload()
+        return {k: [e.value for e in acc.Scalars(k)] for k in ("losses/loss", "eval/accuracy", "eval/margin")}
+
+    one = tmp_path / "one"
+    run_script(rm_cmd(tiny_models, train, test, one, *common))
+    a, wa = events(one), load_file(str(one / "checkpoint-3" / "model.safetensors"))
+    assert len(a["eval/accuracy"]) == 2  # before training and at the end
+    for name, launch in (("ddp", LAUNCH_2), ("deepspeed-zero3", zero3)):
+        out = tmp_path / name
+        proc = run_script([*launch, *rm_cmd(tiny_models, train, test, out, *common)[1:]], timeout=400)
+        assert f"backend: {name}, 2 process(es)" in proc.stdout
+        b, wb = events(out), load_file(str(out / "checkpoint-3" / "model.safetensors"))
+        assert a["eval/accuracy"] == b["eval/accuracy"], name
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (name, key)
+        assert wa.keys() == wb.keys(), name
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=lambda m: f"{name} {k}: {m}")
+
+
 def test_help_and_docs_cover_every_flag():
     import dataclasses
-    import os
-
-    from conftest import ROOT
 
     out = run_script([PY, "train_rm.py", "--help"]).stdout
     doc = open(os.path.join(ROOT, "docs", "train_rm.md")).read()
