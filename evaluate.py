@@ -208,7 +208,8 @@ def to_row(kind: str, spec: dict, rec: dict, index: int, source: str) -> dict:
             "ability": {"math": "math", "ifeval": "ifeval", "mt_bench": "general"}.get(kind, "code"),
             "reward_model": {"style": "model" if kind == "mt_bench" else "rule",
                              "ground_truth": truth if isinstance(truth, str) else json.dumps(truth)},
-            "extra_info": {"split": spec.get("split", "test"), "index": index, **{k: rec[k] for k in ("question_id", "category") if k in rec}}}  # fmt: skip
+            "extra_info": {"split": spec.get("split", "test"), "index": index,
+                           **({"question_id": rec["question_id"], "category": rec["category"]} if kind == "mt_bench" else {})}}  # fmt: skip
 
 
 def load_benchmark(name: str, limit: int) -> tuple[str, dict, list, dict]:
@@ -629,6 +630,12 @@ def main(args: Args):
     chat = [n for n in specs if specs[n]["scorer"] == "rm"]
     if args.baseline_model and args.baseline_responses:
         raise ValueError("give --baseline-model or --baseline-responses, not both")
+    if args.baseline_responses and chat:  # a key that names no benchmark would silently give no win rate
+        missing = sorted(set(chat) - set(read_answers(args.baseline_responses)))
+        if missing:
+            raise ValueError(f"--baseline-responses {args.baseline_responses} has no answers for the chat benchmark(s) "
+                             f"{missing}; its 'benchmark' keys must name them (the chat set was called chat_rm before "
+                             "it became mt_bench)")  # fmt: skip
     if args.baseline_model and chat:  # its chat answers are generated first and become the baseline
         first = ("model", args.baseline_model)
         runs = (

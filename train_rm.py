@@ -278,7 +278,8 @@ def evaluate_pairs(model, accelerator, pairs: list, pad_id: int, token_budget: i
         with accelerator.autocast():
             rc, rr = pair_scores(model, pairs, m, pad_id, accelerator.device)
         real = torch.tensor([i >= 0 for i in m], device=rc.device)
-        totals += torch.stack([((rc > rr) & real).sum(), ((rc - rr) * real).sum(), real.sum()]).double()
+        margin = torch.where(real, rc - rr, 0.0)
+        totals += torch.stack([((rc > rr) & real).sum(), margin.sum(), real.sum()]).double()
     totals = accelerator.reduce(totals, "sum")
     model.train()
     return {"eval/accuracy": float(totals[0] / totals[2]), "eval/margin": float(totals[1] / totals[2])}

@@ -231,19 +231,27 @@ def test_mt_bench_is_the_first_turns_of_fastchats_questions(tmp_path):
 
 def test_no_benchmark_is_a_training_set():
     """A benchmark scored on prompts a preset trains on measures memorisation: no registered benchmark may read a
-    file that any stage's preset (or default) trains on."""
+    file or a hub dataset that any stage's preset (or default) trains on."""
     import train_rlvr
     import train_rm
 
-    train_files = {
-        os.path.realpath(a.dataset)
-        for module in (tg, train_rlvr, train_rm)
-        for a in [module.Args(), *module.PRESETS.values()]
-        if os.path.exists(a.dataset)
-    }
-    assert os.path.realpath(os.path.join(ROOT, "data", "open_prompts.jsonl")) in train_files
+    def source(name):  # a local file by its real path, a hub dataset by its id
+        return os.path.realpath(name) if os.path.exists(name) else name
+
+    trained_on = {source(a.dataset) for m in (tg, train_rlvr, train_rm) for a in [m.Args(), *m.PRESETS.values()]}
+    assert source(os.path.join(ROOT, "data", "open_prompts.jsonl")) in trained_on
+    assert "BytedTsinghua-SIA/DAPO-Math-17k" in trained_on
     for name, spec in ev.BENCHMARKS.items():
-        assert os.path.realpath(spec.get("path", "")) not in train_files, name
+        assert source(spec.get("hub") or spec["path"]) not in trained_on, name
+
+
+def test_baseline_answers_without_the_chat_benchmark_are_refused(tmp_path):
+    """A baseline file keyed by the old name would silently give no win rate: refused before any model loads."""
+    old = _write_jsonl(tmp_path / "old.jsonl", [{"benchmark": "chat_rm", "index": 0, "response": "Hi."}])
+    ours = _write_jsonl(tmp_path / "ours.jsonl", [{"benchmark": "mt_bench", "index": 0, "response": "Hello."}])
+    proc = run_script([PY, "evaluate.py", "--responses", ours, "--baseline-responses", old, "--benchmarks", "mt_bench",
+                       "--limit", "1", "--output-dir", str(tmp_path / "out")], check=False)  # fmt: skip
+    assert proc.returncode != 0 and "has no answers for the chat benchmark(s) ['mt_bench']" in proc.stderr
 
 
 def test_unknown_benchmark_and_help():
