@@ -6,7 +6,8 @@ Reads the runs' TensorBoard events and rollouts.jsonl and writes docs/rlhf_cpu.p
      scored by the same RM after the fact, so all runs share one axis);
   3. mean response length in tokens.
 
-    python docs/plot_rlhf_cpu.py --rlhf runs/cpu-arith-rm-seed1 runs/cpu-arith-rm-seed2 --rlvr runs/rlvr-arith-seed1
+    python docs/plot_rlhf_cpu.py --rlhf runs/cpu-arith-rm-seed1 runs/cpu-arith-rm-seed2 \
+        --kl runs/cpu-arith-rm-kl0.1-seed1 --rlvr runs/rlvr-arith-seed1-20steps
 """
 
 import json
@@ -24,7 +25,9 @@ sys.path.insert(0, ROOT)
 class Args:
     rlhf: list[str] = field(default_factory=lambda: ["runs/cpu-arith-rm-seed1", "runs/cpu-arith-rm-seed2"])
     """train_grlo.py --preset cpu-arith-rm output folders (one per seed)"""
-    rlvr: list[str] = field(default_factory=lambda: ["runs/rlvr-arith-seed1"])
+    kl: list[str] = field(default_factory=list)
+    """the same RLHF runs with a KL penalty (--kl-coef), drawn dotted"""
+    rlvr: list[str] = field(default_factory=lambda: ["runs/rlvr-arith-seed1-20steps"])
     """train_rlvr.py --preset cpu-arith output folders, drawn for comparison"""
     reward_model: str = "runs/rm-cpu-arith/final"
     """the learned RM, to score the RLVR runs' samples for panel 2"""
@@ -59,7 +62,8 @@ def main(args: Args):
     fig = Figure(figsize=(15, 4.2))
     ax_gold, ax_proxy, ax_len = fig.subplots(1, 3)
     rm = None
-    for kind, runs, style in (("RLHF, learned RM", args.rlhf, "-"), ("RLVR, verifier", args.rlvr, "--")):
+    curves = (("RLHF, learned RM", args.rlhf, "-"), ("RLHF + KL", args.kl, ":"), ("RLVR, verifier", args.rlvr, "--"))
+    for kind, runs, style in curves:
         for run in runs:
             label = f"{kind} ({os.path.basename(run.rstrip('/'))})"
             ax_gold.plot(*scalars(run, "eval/accuracy"), style, marker="o", label=label)
@@ -69,7 +73,9 @@ def main(args: Args):
             else:  # score the RLVR samples with the same RM
                 rm = rm or reward.RewardModel(args.reward_model, batch_size=32, max_length=512)
                 proxy = rm.score([r["prompt"] for r in rows], [r["completion"] for r in rows])
-            ax_proxy.plot(*per_step(rows, proxy), style, label=label)
+            steps, means = per_step(rows, proxy)
+            ax_proxy.plot(steps, means, style, label=label)
+            print(f"{label}: mean RM score {means[0]:.2f} (step {steps[0]}) -> {means[-1]:.2f} (step {steps[-1]})")
             ax_len.plot(*scalars(run, "completions/mean_length"), style, label=label)
     for ax, title in (
         (ax_gold, "gold: held-out accuracy (verifier)"),
