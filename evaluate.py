@@ -64,7 +64,7 @@ TEMPLATES = {  # the user turn of each kind of benchmark; the chat template is a
     "mbpp": CODE_INSTRUCTION + '\n```python\n"""\n{prompt}\n{example}\n"""\n```',
     "livecodebench": "### Question:\n{question}\n\n### Format: {format}\n```python\n{starter}\n```\n\n### Answer: (use the provided format with backticks)\n",
     "ifeval": "{prompt}",
-    "mt_bench": "{turn_1}",
+    "mt_bench": "{turn_1}",  # the question's first turn, unchanged
     "grlo": "the row's own `prompt` messages, unchanged",
 }
 GREEDY = {"n": 1, "temperature": 0.0, "top_p": 1.0}
@@ -201,7 +201,7 @@ def to_row(kind: str, spec: dict, rec: dict, index: int, source: str) -> dict:
     elif kind == "ifeval":  # scored by if-verifiable: ability "ifeval" keeps it away from compute_rewards
         content, truth = rec["prompt"], {k: rec[k] for k in ("key", "instruction_id_list", "kwargs")}
     elif kind == "mt_bench":  # one turn, judged by the reward model (style "model"), as training judges chat
-        content, truth = rec["turns"][0], ""
+        content, truth = fill(TEMPLATES[kind], turn_1=rec["turns"][0]), ""
     else:
         raise ValueError(f"unknown benchmark kind {kind!r}")
     return {"data_source": source, "prompt": [{"role": "user", "content": content}],
