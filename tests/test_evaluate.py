@@ -309,7 +309,7 @@ def test_vllm_generation_two_models_comparison(vllm_run, tiny_models):
     assert (
         all(f"| {t} |" in table for t in tags) and "**Overall**" in table and "Please provide a self-contained" in table
     )
-    assert proc.stdout.count("Chat (win %)") == 1 and "Overall" in proc.stdout
+    assert proc.stdout.count("MT-bench (win %)") == 1 and "Overall" in proc.stdout
 
 
 def test_hf_fallback_matches_vllm_greedy(vllm_run, tiny_models, tmp_path):
