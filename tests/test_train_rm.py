@@ -126,6 +126,8 @@ def test_two_processes_train_as_one_and_score_an_uneven_eval_set(tmp_path, tiny_
     train, test = toy_pairs(tmp_path / "train.jsonl", 64, 5), toy_pairs(tmp_path / "test.jsonl", 3, 6)
     rm = reward.RewardModel(tiny_models["policy"], max_length=10**6)
     longest = max(len(seq) for f in (train, test) for pair in train_rm.load_pairs(f, "x", rm.encode)[0] for seq in pair)
+    held_out = train_rm.load_pairs(test, "x", rm.encode)[0]
+    assert len(train_rm.pair_microbatches(held_out, [0, 2], 2 * longest)) == 2  # rank 0's two pairs: two forwards
     common = ["--max-steps", "3", "--eval-every", "0", "--save-every", "3", "--max-length", str(longest),
               "--token-budget", str(2 * longest)]  # fmt: skip
     zero3 = [PY, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", "deepspeed_zero3.yaml"),
