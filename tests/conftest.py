@@ -90,6 +90,14 @@ LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 
 
+def launch(config: str) -> list:
+    """`accelerate launch` with a shipped config file (configs/<config>.yaml), 2 processes, fp32 (CPU); "ddp" = LAUNCH_2."""
+    if config == "ddp":
+        return LAUNCH_2
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", f"{config}.yaml"),
+            "--num_processes", "2", "--mixed_precision", "no"]  # fmt: skip
+
+
 def kill_when_exists(cmd: list, path, timeout: int = 300):
     """Start `cmd`, SIGKILL its whole process group the moment `path` exists (a hard crash), wait."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

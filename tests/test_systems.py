@@ -5,28 +5,19 @@ Each test here reproduces one item of the GPU-correctness issue; docs/gpu.md lis
 (bf16 FSDP2 reductions, vLLM sleep mode, CUDA memory) is planned on paper there instead."""
 
 import json
-import os
 import shutil
 import sys
 import time
 
 import pytest
 import torch
-from conftest import LAUNCH_2, ROOT, run_script
+from conftest import ROOT, launch, run_script
 
 import systems
 import train_grlo as tg
 
 PY = sys.executable
 SMOKE = ["--preset", "cpu-smoke"]
-
-
-def launch(config: str) -> list:
-    """`accelerate launch` with a shipped config file, 2 processes, fp32 (CPU)."""
-    if config == "ddp":
-        return LAUNCH_2
-    return [PY, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", f"{config}.yaml"),
-            "--num_processes", "2", "--mixed_precision", "no"]  # fmt: skip
 
 
 def checks(stdout: str) -> dict:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import LAUNCH_2, ROOT, kill_when_exists, run_script
+from conftest import LAUNCH_2, ROOT, kill_when_exists, launch, run_script
 import reward
 
 import train_rlvr as tr
@@ -104,9 +104,9 @@ def test_two_process_launch(tmp_path, tiny_models):
 def test_two_process_launch_under_deepspeed_zero3(tmp_path, tiny_models):
     """The stage's own main() (rewards by rule, dynamic sampling, held-out eval) on sharded weights."""
     out = tmp_path / "run"
-    launch = [PY, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", "deepspeed_zero3.yaml"),
-              "--num_processes", "2", "--mixed_precision", "no"]  # fmt: skip
-    proc = run_script([*launch, "train_rlvr.py", *SMOKE, "--max-steps", "2", "--output-dir", str(out)], timeout=400)
+    proc = run_script(
+        [*launch("deepspeed_zero3"), "train_rlvr.py", *SMOKE, "--max-steps", "2", "--output-dir", str(out)], timeout=400
+    )
     assert "backend: deepspeed-zero3, 2 process(es)" in proc.stdout and proc.stdout.count("step ") == 2
     assert len(_events(out)["eval/accuracy"]) == 2
     assert (out / "checkpoint-2" / "model.safetensors").exists()

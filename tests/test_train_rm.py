@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import LAUNCH_2, ROOT, kill_when_exists, run_script
+from conftest import ROOT, kill_when_exists, launch, run_script
 
 import reward
 import train_rm
@@ -130,8 +130,6 @@ def test_two_processes_train_as_one_and_score_an_uneven_eval_set(tmp_path, tiny_
     assert len(train_rm.pair_microbatches(held_out, [0, 2], 2 * longest)) == 2  # rank 0's two pairs: two forwards
     common = ["--max-steps", "3", "--eval-every", "0", "--save-every", "3", "--max-length", str(longest),
               "--token-budget", str(2 * longest)]  # fmt: skip
-    zero3 = [PY, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", "deepspeed_zero3.yaml"),
-             "--num_processes", "2", "--mixed_precision", "no"]  # fmt: skip
 
     def events(run_dir):
         acc = EventAccumulator(str(run_dir))
@@ -142,9 +140,9 @@ def test_two_processes_train_as_one_and_score_an_uneven_eval_set(tmp_path, tiny_
     run_script(rm_cmd(tiny_models, train, test, one, *common))
     a, wa = events(one), load_file(str(one / "checkpoint-3" / "model.safetensors"))
     assert len(a["eval/accuracy"]) == 2  # before training and at the end
-    for name, launch in (("ddp", LAUNCH_2), ("deepspeed-zero3", zero3)):
+    for name, config in (("ddp", "ddp"), ("deepspeed-zero3", "deepspeed_zero3")):
         out = tmp_path / name
-        proc = run_script([*launch, *rm_cmd(tiny_models, train, test, out, *common)[1:]], timeout=400)
+        proc = run_script([*launch(config), *rm_cmd(tiny_models, train, test, out, *common)[1:]], timeout=400)
         assert f"backend: {name}, 2 process(es)" in proc.stdout
         b, wb = events(out), load_file(str(out / "checkpoint-3" / "model.safetensors"))
         assert a["eval/accuracy"] == b["eval/accuracy"], name
