@@ -21,6 +21,7 @@ walk the interpreter's frames to find the nonce.
 """
 
 import base64
+import contextlib
 import inspect
 import io
 import json
@@ -28,7 +29,6 @@ import logging
 import os
 import pickle
 import re
-import secrets
 import select
 import subprocess
 import sys
@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import code_judge
 import sandbox
 import systems
 from sandbox import run_python
@@ -457,32 +458,12 @@ def check_sandbox(rows: list[dict]) -> None:
         sandbox.self_check()
 
 
-# ---- 4. code reward: extract the program, run the tests ----
-# Runs the program, then each test, in ONE sandboxed process. Results go out as "<nonce> <i> <passed>"
-# lines; the nonce arrives on stdin (not in this file, which the program can read), so a program cannot
-# forge results, and one that exits early (sys.exit(0), os._exit) simply reports nothing.
-_TEST_HARNESS = """\
-import os, sys, traceback
-
-def _grlo_main(source, tests, stop_on_fail):
-    nonce = sys.stdin.readline().strip()
-    report = os.dup(1)  # the program may redirect or close sys.stdout
-    namespace = {"__name__": "solution"}  # skip the program's own `if __name__ == "__main__":` demo
-    try:
-        exec(compile(source, "solution.py", "exec"), namespace)
-    except BaseException:
-        traceback.print_exc()
-    for i, test in enumerate(tests):
-        try:
-            exec(compile(test, f"test_{i}.py", "exec"), namespace)
-            passed = 1
-        except BaseException:
-            traceback.print_exc()
-            passed = 0
-        os.write(report, f"\\n{nonce} {i} {passed}\\n".encode())
-        if stop_on_fail and not passed:
-            break
-"""
+# ---- 4. code reward: extract the program, run the tests where it cannot reach them ----
+# Function-call tests (HumanEval, MBPP, LiveCodeBench functional) run in code_judge's judge process, the program
+# in another sandbox; stdin/stdout tests compare the program's output here. Every run ends in one outcome, in
+# this order of precedence: pass, wrong_answer, error, timeout, resource_limit, sandbox_failure.
+OUTCOMES = ("pass", "wrong_answer", "error", "timeout", "resource_limit", "sandbox_failure")
+_RESOURCE_ERRORS = ("MemoryError", "OutOfMemoryError")
 _STDIO_KEYS = ("inputs", "input_output", "public_test_cases", "private_test_cases")
 # LiveCodeBench prepends imports to LeetCode-style ("functional") solutions, whose starter code uses List.
 _FUNCTIONAL_PRELUDE = "from typing import *\nimport bisect, collections, functools, heapq, itertools, math, re\n"
@@ -512,35 +493,92 @@ def _json_field(value):
     return json.loads(_StrOnly(io.BytesIO(raw)).load())
 
 
-def _run_tests(source: str, tests: list[str], all_or_nothing: bool, timeout_s: float) -> tuple[float, bool]:
-    """Pass fraction of assert-style `tests` against `source` (one process), and whether it timed out."""
-    nonce = secrets.token_hex(16)  # not `random`: seeded runs would make it predictable
-    harness = _TEST_HARNESS + f"\n_grlo_main({source!r}, {tests!r}, {all_or_nothing!r})\n"
-    result = run_python(harness, stdin=nonce + "\n", timeout_s=timeout_s)
-    passed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith(nonce) and line.endswith(" 1")}
-    return len(passed) / len(tests), result.timed_out
+def _outcome(passed: int, n: int, failure: str, program: sandbox.ExecResult | None) -> tuple[float, str]:
+    """(pass fraction, "<outcome>: k/n passed[; first failure]") from what the judge saw and how the program
+    ended. The fraction counts only the judge's own test indices, so it lies in [0, 1]."""
+    if program is not None and program.timed_out:
+        kind = "timeout"
+    elif program is not None and (program.output_truncated or program.returncode < 0):  # flood, or killed by a limit
+        kind = "resource_limit"
+    elif passed == n:
+        kind = "pass"
+    elif failure.startswith(_RESOURCE_ERRORS):
+        kind = "resource_limit"
+    elif failure.startswith("AssertionError") or failure == "wrong output":
+        kind = "wrong_answer"
+    else:
+        kind = "error"
+    return passed / n, f"{kind}: {passed}/{n} passed" + (f"; {failure[:200]}" if failure and kind != "pass" else "")
+
+
+def _run_tests(
+    source: str, tests: list[str], all_or_nothing: bool, timeout_s: float, setup: str = "", entry_point: str = ""
+) -> tuple[float, str]:
+    """Judge `tests` (Python statements that call the program's functions) against `source`: the program runs
+    in one sandbox (code_judge.candidate_main), the trusted `setup` and the tests in another
+    (code_judge.judge_main), joined by two pipes. Returns (pass fraction, outcome)."""
+    c_in, j_out = os.pipe()  # judge -> candidate: calls
+    j_in, c_out = os.pipe()  # candidate -> judge: answers
+    stop = threading.Event()
+    results = {}
+
+    def candidate():
+        results["candidate"] = run_python(code_judge.program("candidate", c_in, c_out, source), timeout_s=timeout_s,
+                                          pass_fds=(c_in, c_out), stop=stop)  # fmt: skip
+
+    thread = threading.Thread(target=candidate, daemon=True)
+    try:
+        thread.start()
+        spec = json.dumps({"setup": setup, "tests": tests, "entry_point": entry_point, "stop_on_fail": all_or_nothing})
+        judge = run_python(code_judge.program("judge", j_in, j_out), stdin=spec, timeout_s=timeout_s, pass_fds=(j_in, j_out))
+    finally:
+        stop.set()  # the program has answered every call it will be asked; it normally exits at end of file
+        thread.join()
+    program = results.get("candidate")
+    passed, failure, load = set(), "", ""
+    for line in judge.stdout.splitlines():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            r = json.loads(line)
+            if "load" in r and r["load"]:  # the program raised while loading (SyntaxError, ...)
+                load = ": ".join(map(str, r["load"]))
+            i = r["test"]
+            if type(i) is int and 0 <= i < len(tests) and r["passed"] is True:
+                passed.add(i)
+            elif type(i) is int and not failure:
+                failure = ": ".join(map(str, r["why"] or ["?"]))
+    if judge.timed_out:
+        return _outcome(len(passed), len(tests), failure, sandbox.ExecResult(False, True, -9, "", ""))
+    if not judge.ok or (len(passed) < len(tests) and not failure):
+        return 0.0, f"sandbox_failure: the judge failed: {judge.stderr.strip()[-300:] or judge.returncode}"
+    if load and len(passed) < len(tests):
+        failure = f"{load} (while loading the program); then {failure}"
+    return _outcome(len(passed), len(tests), failure, program)
 
 
 def _normalise(text: str) -> list[str]:
     return [" ".join(line.split()) for line in text.strip().splitlines()]
 
 
-def _run_stdio(code: str, cases: list[tuple[str, str]], all_or_nothing: bool, timeout_s: float) -> tuple[float, bool]:
-    """Pass fraction over stdin/stdout cases, one sandbox each; outputs compared line by line, whitespace
-    normalised. A time-out ends the run: the remaining (usually larger) cases would time out too."""
-    passed = 0
+def _run_stdio(code: str, cases: list[tuple[str, str]], all_or_nothing: bool, timeout_s: float) -> tuple[float, str]:
+    """Pass fraction over stdin/stdout cases, one sandbox each, and the outcome; outputs compared here, line by
+    line, whitespace normalised. A time-out ends the run: the remaining (usually larger) cases would time out too."""
+    passed, failure, last = 0, "", None
     for stdin, expected in cases:
-        result = run_python(code, stdin=stdin, timeout_s=timeout_s)
+        last = result = run_python(code, stdin=stdin, timeout_s=timeout_s)
         ok = result.ok and _normalise(result.stdout) == _normalise(expected)
         passed += ok
-        if result.timed_out:
-            return passed / len(cases), True
-        if all_or_nothing and not ok:
+        if not ok and not failure:
+            error = (result.stderr.strip().splitlines() or [""])[-1]
+            failure = "wrong output" if result.ok else error or f"exit status {result.returncode}"
+        if result.timed_out or (all_or_nothing and not ok):
             break
-    return passed / len(cases), False
+    return _outcome(passed, len(cases), failure, last if passed < len(cases) else None)
 
 
-def _code_score(response: str, tests, all_or_nothing: bool = True, timeout_s: float = 10.0) -> tuple[float, bool]:
+def _code_score(response: str, tests, all_or_nothing: bool = True, timeout_s: float = 10.0) -> tuple[float, str]:
+    """(pass fraction, outcome) of the response's program against hub-format `tests`. Malformed tests raise
+    ValueError before anything runs; nothing the program does makes this raise (a failure of the sandbox or of
+    its clean-up is the outcome "sandbox_failure", logged)."""
     t = json.loads(tests) if isinstance(tests, str) else tests
     t = {"test_list": t} if isinstance(t, list) else dict(t)
     code = extract_code(response)
@@ -561,29 +599,43 @@ def _code_score(response: str, tests, all_or_nothing: bool = True, timeout_s: fl
                 f"assert (list(_r) if isinstance(_r, tuple) else _r) == {json.loads(c['output'])!r}"
                 for c in cases
             ]
-            return _run_tests(_FUNCTIONAL_PRELUDE + code, asserts, all_or_nothing, timeout_s)
-        return _run_stdio(code, [(c["input"], c["output"]) for c in cases], all_or_nothing, timeout_s)
-    if "entry_point" in t and "def check(" in str(t.get("test")):
+            run = lambda: _run_tests(_FUNCTIONAL_PRELUDE + code, asserts, all_or_nothing, timeout_s,  # noqa: E731
+                                     _FUNCTIONAL_PRELUDE, "Solution")  # fmt: skip
+        else:
+            pairs = [(c["input"], c["output"]) for c in cases]
+            run = lambda: _run_stdio(code, pairs, all_or_nothing, timeout_s)  # noqa: E731
+    elif "entry_point" in t and "def check(" in str(t.get("test")):
         # HumanEval(+): the prompt holds the signature and the imports (typing.List ...) that models drop
         # when they answer with the whole function; with a body-only answer, the code continues the prompt.
-        prompt = t.get("prompt", "")
-        defined = re.search(rf"^\s*def\s+{re.escape(t['entry_point'])}\s*\(", code, re.MULTILINE)
+        # The judge runs the prompt too: its helpers (HumanEval/32's `poly`) stay the judge's own.
+        prompt, entry = t.get("prompt", ""), t["entry_point"]
+        defined = re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE)
         source = prompt + ("\n\n" if defined else "") + code
-        return _run_tests(source, [t["test"] + f"\n\ncheck({t['entry_point']})\n"], all_or_nothing, timeout_s)
-    if "test_list" in t or "test" in t:
+        unit = [t["test"] + f"\n\ncheck({entry})\n"]
+        run = lambda: _run_tests(source, unit, all_or_nothing, timeout_s, prompt, entry)  # noqa: E731
+    elif "test_list" in t or "test" in t:
         # MBPP: asserts in `test_list` (+ `test_setup_code`); MBPP+: `test_imports` and the `test` script;
-        # our bundled rows: {"entry_point", "test_list"}.
+        # our bundled rows: {"entry_point", "test_list"}. The program gets the setup too, as in-process it had.
         setup = "\n".join(list(t.get("test_imports") or []) + [t.get("test_setup_code") or ""])
         units = list(t.get("test_list") or []) + ([t["test"]] if t.get("test") else [])
-        return _run_tests(setup + "\n" + code, units, all_or_nothing, timeout_s)
-    raise ValueError(f"unrecognised code tests: keys {sorted(t)}")
+        if not units:
+            raise ValueError("code tests have no test_list entries and no test script")
+        run = lambda: _run_tests(setup + "\n" + code, units, all_or_nothing, timeout_s, setup, t.get("entry_point", ""))  # noqa: E731
+    else:
+        raise ValueError(f"unrecognised code tests: keys {sorted(t)}")
+    try:
+        return run()
+    except Exception as e:  # the sandbox or its clean-up failed: never stop a training run over one program
+        logger.exception("code reward: the sandbox failed")
+        return 0.0, f"sandbox_failure: {type(e).__name__}: {str(e)[:200]}"
 
 
 def code_reward(response: str, tests, *, all_or_nothing: bool = True, timeout_s: float = 10.0) -> float:
     """Run the response's last ```python block against `tests` (a hub row's dict or its JSON string).
 
     Default all_or_nothing=True: 1.0 only if every test passes, the pass@k notion of a correct program.
-    all_or_nothing=False: the fraction of tests passed. timeout_s bounds each sandboxed process."""
+    all_or_nothing=False: the fraction of tests passed. timeout_s bounds each sandboxed process. The outcome
+    behind the number: `code_outcome`, or `compute_rewards`' third return value."""
     fraction = _code_score(response, tests, all_or_nothing, timeout_s)[0]
     return fraction if not all_or_nothing else float(fraction == 1.0)
 
@@ -607,19 +659,21 @@ def _rule_kind(row: dict) -> str:
 def _rule_reward(kind: str, response: str, truth) -> tuple[float, str]:
     if kind == "math":
         return _math_score(response, truth)
-    fraction, timed_out = _code_score(response, truth, timeout_s=CODE_TIMEOUT_S)
-    return float(fraction == 1.0), "timeout" if timed_out else "ok"
+    fraction, outcome = _code_score(response, truth, timeout_s=CODE_TIMEOUT_S)
+    return float(fraction == 1.0), outcome
 
 
 def compute_rewards(
     rows: list[dict], responses: list[str], reward_model: "RewardModel | None" = None, *, max_workers: int | None = None
-) -> tuple[list[float], dict[str, float]]:
+) -> tuple[list[float], dict[str, float], list[str]]:
     """Reward for each (row, response); rows[i] is the verl-format row of responses[i] (already repeated G times).
 
     reward_model.style "model": RewardModel.score on row["prompt"]. "rule": math or code by row["ability"],
     else by the ground truth's shape (a dict or JSON with test keys is code). Rule rewards of the whole batch
     run concurrently (threads around sandbox / math-worker subprocesses) while the RM scores.
-    Returns (rewards, stats): per-source means and failure counts, for logging under rewards/."""
+    Returns (rewards, stats, outcomes): per-source means and failure counts for logging under rewards/, and
+    each sample's outcome: "" for the reward model, math's status ("ok", "no_answer", "timeout", ...), code's
+    "<outcome>: k/n passed[; first failure]" (OUTCOMES), which rollouts.jsonl and evaluate.py's samples keep."""
     if len(rows) != len(responses):
         raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
     kinds = []
@@ -662,6 +716,7 @@ def compute_rewards(
             sum(n for (k, s), n in count.items() if k == "math" and s not in ("ok", "no_answer"))
         )
         stats["rewards/math_no_answer"] = float(count["math", "no_answer"])
-    if "code" in kinds:
-        stats["rewards/code_timeouts"] = float(count["code", "timeout"])
-    return rewards, stats
+    if "code" in kinds:  # how the code samples ended: a policy drifting toward a failure mode shows here
+        ends = Counter(s.split(":")[0] for k, s in zip(kinds, statuses) if k == "code")
+        stats |= {f"rewards/code_{outcome}": float(ends[outcome]) for outcome in OUTCOMES}
+    return rewards, stats, [s if k != "model" else "" for k, s in zip(kinds, statuses)]

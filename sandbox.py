@@ -269,19 +269,33 @@ def _kill_sandbox(proc: subprocess.Popen, caps: dict, uid: int | None) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+class _Stopped(Exception):
+    """The caller's stop event was set before the program started."""
+
+
+def _close(fds: list) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
+
+
 def _feed_stdin(pipe, data: bytes) -> None:
     """In a thread, so a large stdin can never deadlock against the output we read."""
     with contextlib.suppress(OSError), pipe:  # the program may exit without reading it all
         pipe.write(data)
 
 
-def run_python(code: str, *, stdin: str = "", timeout_s: float = 10.0, memory_mb: int = 1024) -> ExecResult:
+def run_python(
+    code: str, *, stdin: str = "", timeout_s: float = 10.0, memory_mb: int = 1024, pass_fds=(), stop=None
+) -> ExecResult:
     """Run untrusted `code` with `python -I` in a fresh sandbox (see the module docstring); return within
-    ~timeout_s, leave nothing behind."""
-    return _run(sandbox_caps(), code, stdin, timeout_s, memory_mb)
+    ~timeout_s, leave nothing behind. `pass_fds`: open descriptors the program inherits under the same numbers
+    (pipe ends to another sandbox); they are closed here once the program has them. `stop`: a
+    threading.Event that ends the run early (the program is killed; not counted as a time-out)."""
+    return _run(sandbox_caps(), code, stdin, timeout_s, memory_mb, tuple(pass_fds), stop)
 
 
-def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int) -> ExecResult:
+def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int, pass_fds=(), stop=None) -> ExecResult:
     uid = SANDBOX_UID_BASE + _rng.randrange(SANDBOX_UID_SPAN) if caps["mode"] in ("root", "uid") else None
     workdir = tempfile.mkdtemp(prefix="grlo_sandbox_")  # host side: root/ (mount point), work/ (the program's dir)
     work = os.path.join(workdir, "work")
@@ -292,9 +306,13 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int) ->
     start = time.monotonic()
     deadline = start + timeout_s
     proc = feeder = None
-    killed = False
+    killed = timed_out = truncated = False
+    returncode = -1
     buffers = {}
+    to_close = list(pass_fds)  # closed exactly once: a number closed twice may be another thread's new file
     try:
+        if stop is not None and stop.is_set():
+            raise _Stopped
         with open(os.path.join(work, "main.py"), "w") as f:
             f.write(code)
         if uid is not None:
@@ -306,7 +324,9 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int) ->
             _command(caps, workdir, uid, [sys.executable, "-I", "main.py"]), cwd=work, env=env,
             start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             preexec_fn=functools.partial(_limit_resources, math.ceil(timeout_s) + 1, memory_mb << 20),
+            pass_fds=pass_fds,
         )  # fmt: skip
+        _close(to_close)
         feeder = threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin.encode()), daemon=True)
         feeder.start()
         buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
@@ -323,11 +343,11 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int) ->
             if exited and not open_fds:
                 break
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = not exited
+            if remaining <= 0 or (stop is not None and stop.is_set()):
+                timed_out = remaining <= 0 and not exited
                 break
-            if not open_fds:  # the program closed stdout/stderr but still runs
-                time.sleep(min(remaining, 0.05))
+            if not open_fds:  # the program closed stdout/stderr: it is exiting, or still runs
+                time.sleep(min(remaining, 0.002))
                 continue
             for fd, _ in poller.poll(min(remaining, 0.05) * 1000):
                 chunk = os.read(fd, 1 << 16)
@@ -337,7 +357,10 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int) ->
                 room = OUTPUT_CAP_BYTES - len(buffers[fd])
                 buffers[fd] += chunk[:room]
                 truncated |= len(chunk) > room  # an output flood: stop reading, kill below
+    except _Stopped:
+        pass
     finally:
+        _close(to_close)
         if proc is not None:
             if not killed:  # deadline, output flood, or an exception here: nothing may outlive the call
                 _kill_sandbox(proc, caps, uid)
@@ -351,7 +374,7 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int) ->
         if feeder is not None:
             feeder.join(timeout=1.0)
         shutil.rmtree(workdir, ignore_errors=True)
-    out, err = (bytes(buf).decode("utf-8", "replace") for buf in buffers.values())
+    out, err = (bytes(buf).decode("utf-8", "replace") for buf in buffers.values()) if buffers else ("", "")
     return ExecResult(ok=returncode == 0 and not timed_out and not truncated, timed_out=timed_out,
                       returncode=returncode, stdout=out, stderr=err, duration_s=time.monotonic() - start,
                       output_truncated=truncated)  # fmt: skip

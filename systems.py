@@ -783,10 +783,12 @@ def reward_trend(rollouts_path: str, windows: int = 6) -> str:
     return "reward trend | " + " | ".join(parts)
 
 
-def write_rollouts(file, step: int, rows: list, responses: list, scores: list, rewards, truncated: list) -> None:
-    """One JSON line per sample: the judge's raw `score` and the shaped `reward` (eq. 7) the advantages used."""
+def write_rollouts(file, step: int, rows: list, responses: list, scores: list, rewards, truncated: list, outcomes: list) -> None:
+    """One JSON line per sample: the judge's raw `score`, its `outcome` for rule rows (reward.compute_rewards:
+    "pass: 3/3 passed", "timeout: ...", math's "no_answer", ...) and the shaped `reward` (eq. 7) the advantages used."""
     for i, response in enumerate(responses):
         record = {"step": step, "prompt": rows[i]["prompt"], "completion": response, "score": scores[i]}
+        record |= {"outcome": outcomes[i]} if outcomes[i] else {}
         record |= {"reward": float(rewards[i]), "finish_reason": "length" if truncated[i] else "stop"}
         file.write(json.dumps(record) + "\n")
     file.flush()

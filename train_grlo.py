@@ -482,7 +482,7 @@ def evaluate_heldout(
     truncated = truncated[: len(mine)]
     if mine:
         responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        scores, _ = reward.compute_rewards([rows[i] for i in mine], responses)
+        scores, _, _ = reward.compute_rewards([rows[i] for i in mine], responses)
     totals = torch.tensor([sum(scores), len(scores), sum(truncated)], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, "sum")
     return {"eval/accuracy": float(totals[0] / totals[1]), "eval/clipped_ratio": float(totals[2] / totals[1])}
@@ -561,7 +561,7 @@ def main(args: Args):
         t0 = time.time()
         responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         judged = batch_rows if args.judge == "row" else [{**r, "reward_model": {"style": "model"}} for r in batch_rows]
-        scores_list, reward_stats = reward.compute_rewards(judged, responses, reward_model)
+        scores_list, reward_stats, outcomes = reward.compute_rewards(judged, responses, reward_model)
         scores = torch.tensor(scores_list, dtype=torch.float32, device=device)  # (B_local*G,)
         rewards, loss_mask_seq = shape_rewards(scores, completion_ids, truncated, args)
         t_reward = time.time() - t0
@@ -617,7 +617,7 @@ def main(args: Args):
         if accelerator.is_main_process:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step + 1)
-            systems.write_rollouts(rollout_file, step, batch_rows, responses, scores_list, rewards, truncated)
+            systems.write_rollouts(rollout_file, step, batch_rows, responses, scores_list, rewards, truncated, outcomes)
         m = metrics
         log(
             f"step {step + 1:>5}/{max_steps} | reward {m['rewards/mean']:+.4f} ± {m['rewards/std']:.4f} "

@@ -505,7 +505,7 @@ def evaluate_heldout(
     truncated = truncated[: len(mine)]
     if mine:
         responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        scores, _ = reward.compute_rewards([rows[i] for i in mine], responses)
+        scores, _, _ = reward.compute_rewards([rows[i] for i in mine], responses)
     totals = torch.tensor([sum(scores), len(scores), sum(truncated)], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, "sum")
     return {"eval/accuracy": float(totals[0] / totals[1]), "eval/clipped_ratio": float(totals[2] / totals[1])}
@@ -586,7 +586,7 @@ def main(args: Args):
             t0 = time.time()
             batch_rows = [rows[i] for i in indices for _ in range(G)]
             responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            scores, reward_stats = reward.compute_rewards(batch_rows, responses, reward_model)
+            scores, reward_stats, outcomes = reward.compute_rewards(batch_rows, responses, reward_model)
             t_reward += time.time() - t0
             data_round += 1
             seen_scores += scores
@@ -596,7 +596,7 @@ def main(args: Args):
                     count_stats[k] = count_stats.get(k, 0.0) + v
             signal = has_signal(torch.tensor(scores), G)  # eq. 8
             samplers = sampler_logprobs or [None] * len(scores)  # None: HF sampled, no sampler log-probs
-            fields = (batch_rows, prompt_ids, completion_ids, samplers, truncated, responses, scores)
+            fields = (batch_rows, prompt_ids, completion_ids, samplers, truncated, responses, scores, outcomes)
             for g in range(len(indices)):  # one entry per group: its G samples' fields
                 group = [f[g * G : (g + 1) * G] for f in fields]
                 (kept if signal[g] or not args.dynamic_sampling else dropped).append(group)
@@ -606,8 +606,8 @@ def main(args: Args):
         # ALGO LOGIC: a short batch (round cap hit) is topped up with dropped groups: zero advantage, same shapes
         batch = (kept + dropped)[:B_local]
         n_signal = min(len(kept), B_local)
-        flat = [[x for g in batch for x in g[k]] for k in range(7)]
-        batch_rows, prompt_ids, completion_ids, sampler_logprobs, truncated, responses, scores = flat
+        flat = [[x for g in batch for x in g[k]] for k in range(8)]
+        batch_rows, prompt_ids, completion_ids, sampler_logprobs, truncated, responses, scores, outcomes = flat
         sampler_logprobs = sampler_logprobs if llm is not None else None
         if sleep:  # free GPU memory for the update; the trained weights are pushed at wake-up (never stale)
             systems.vllm_sleep(llm)
@@ -666,7 +666,7 @@ def main(args: Args):
         if accelerator.is_main_process:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step + 1)
-            systems.write_rollouts(rollout_file, step, batch_rows, responses, scores, rewards, truncated)
+            systems.write_rollouts(rollout_file, step, batch_rows, responses, scores, rewards, truncated, outcomes)
         m = metrics
         log(
             f"step {step + 1:>5}/{max_steps} | acc {m['rewards/accuracy']:.3f} reward {m['rewards/mean']:+.4f} "

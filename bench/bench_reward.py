@@ -98,16 +98,16 @@ def main(args: Args):
     math_rows = [{"ability": "math", "reward_model": {"style": "rule", "ground_truth": g}} for g in golds]
     reward.compute_rewards(math_rows[:8], responses[:8], max_workers=workers)  # warm-up: spawn math workers
     serial, t_serial = timed(lambda: [reward.math_reward(r, g) for r, g in zip(responses, golds)])
-    (parallel, _), t_parallel = timed(lambda: reward.compute_rewards(math_rows, responses, max_workers=workers))
+    (parallel, _, _), t_parallel = timed(lambda: reward.compute_rewards(math_rows, responses, max_workers=workers))
     assert serial == parallel, "serial and parallel math rewards disagree"
     report("math", serial, t_serial, t_parallel)
 
     rows, programs = code_samples(args.num_code)
     code_rows = [{"ability": "code", "reward_model": {"style": "rule", "ground_truth": json.dumps(r)}} for r in rows]
     serial, t_serial = timed(lambda: [reward.code_reward(p, r) for p, r in zip(programs, rows)])
-    (parallel, stats), t_parallel = timed(lambda: reward.compute_rewards(code_rows, programs, max_workers=workers))
+    (parallel, stats, _), t_parallel = timed(lambda: reward.compute_rewards(code_rows, programs, max_workers=workers))
     assert serial == parallel == [1.0 - (i % 2) for i in range(len(rows))], "unexpected code rewards"
-    report("code", serial, t_serial, t_parallel, f"  timeouts={stats['rewards/code_timeouts']:.0f}")
+    report("code", serial, t_serial, t_parallel, f"  timeouts={stats['rewards/code_timeout']:.0f}")
 
 
 if __name__ == "__main__":

@@ -544,9 +544,10 @@ def test_code_reward_bundled_rows_and_pass_fraction():
     solutions = {s["index"]: s["solution"] for s in solutions}
     good = [solutions[row["extra_info"]["index"]] for row in rows]
     swapped = good[1:] + good[:1]  # every solution answers another task
-    rewards, stats = reward.compute_rewards(rows + rows, good + swapped)
+    rewards, stats, outcomes = reward.compute_rewards(rows + rows, good + swapped)
     assert rewards == [1.0] * len(rows) + [0.0] * len(rows)
-    assert stats["rewards/code_mean"] == 0.5 and stats["rewards/code_timeouts"] == 0
+    assert stats["rewards/code_mean"] == 0.5 and stats["rewards/code_timeout"] == 0
+    assert stats["rewards/code_pass"] == len(rows) and all(o.startswith("pass: ") for o in outcomes[: len(rows)])
     truth = rows[0]["reward_model"]["ground_truth"]  # reverse_string, 4 asserts
     half = fenced("def reverse_string(s):\n    return s")  # passes the '' and 'racecar' asserts only
     assert reward.code_reward(half, truth) == 0.0
@@ -571,8 +572,8 @@ def test_code_reward_timeout_is_counted(monkeypatch):
     monkeypatch.setattr(reward, "CODE_TIMEOUT_S", 1.0)
     start = time.monotonic()
     row = {"ability": "code", "reward_model": {"style": "rule", "ground_truth": truth}}
-    rewards, stats = reward.compute_rewards([row], [looping])
-    assert rewards == [0.0] and stats["rewards/code_timeouts"] == 1
+    rewards, stats, outcomes = reward.compute_rewards([row], [looping])
+    assert rewards == [0.0] and stats["rewards/code_timeout"] == 1 and outcomes[0].startswith("timeout: 0/1")
     assert time.monotonic() - start < 4
 
 
@@ -588,7 +589,7 @@ def test_compute_rewards_routing_rule_rows():
     ]
     good_code = fenced("def f(x):\n    return x * x")
     responses = ["\\boxed{4}", "\\boxed{5}", good_code, good_code, "so it is \\boxed{4}"]
-    rewards, stats = reward.compute_rewards(rows, responses, max_workers=2)
+    rewards, stats, _ = reward.compute_rewards(rows, responses, max_workers=2)
     assert rewards == [1.0, 0.0, 1.0, 1.0, 1.0]
     assert stats["rewards/math_mean"] == pytest.approx(2 / 3) and stats["rewards/code_mean"] == 1.0
     assert stats["rewards/math_failures"] == 0 and "rewards/model_mean" not in stats
@@ -735,7 +736,7 @@ def test_compute_rewards_routes_model_rows(rm):
     ]
     rows.append({"ability": "math", "reward_model": {"style": "rule", "ground_truth": "7"}})
     responses = [r for _, r in SAMPLES[:3]] + [SAMPLES[3][1]]
-    rewards, stats = reward.compute_rewards(rows, responses, rm)
+    rewards, stats, _ = reward.compute_rewards(rows, responses, rm)
     assert rewards[:3] == pytest.approx(rm.score([m for m, _ in SAMPLES[:3]], responses[:3]), abs=1e-5)
     assert rewards[3] == 1.0
     assert stats["rewards/model_mean"] == pytest.approx(sum(rewards[:3]) / 3)
