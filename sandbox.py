@@ -53,9 +53,10 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 OUTPUT_CAP_BYTES = 4 << 20  # per stream; a program that prints more is killed (ok=False, output_truncated)
-MAX_FILE_BYTES = 64 << 20  # RLIMIT_FSIZE: the largest file a sandboxed program may write
-MAX_PROCS = 16  # RLIMIT_NPROC (threads count too); worst-case memory of one run is MAX_PROCS * memory_mb
-TMP_SIZE = "256m"  # the sandbox's /tmp and /dev/shm (tmpfs, in memory)
+MAX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: the largest file (or memfd) a sandboxed program may write
+MAX_OPEN_FILES = 64  # RLIMIT_NOFILE per process: with MAX_FILE_BYTES, bounds memfd memory where no cgroup does
+MAX_PROCS = 16  # RLIMIT_NPROC (threads count too), and pids.max of the run's cgroup
+TMPFS_MB = 64  # each of the program's three in-memory filesystems: its directory, /tmp and /dev/shm
 # Each root-mode run gets its own random uid from this range: RLIMIT_NPROC counts per uid, so a fork storm
 # in one sandbox cannot starve concurrent ones, and "kill every process of this uid" hits exactly one run.
 SANDBOX_UID_BASE, SANDBOX_UID_SPAN = 3_000_000_000, 1 << 24
@@ -100,23 +101,31 @@ def _fstab_path(path: str) -> str:
     return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
 
 
-def _setup_script(workdir: str, final: list[str], tools: dict) -> str:
-    """Shell run as the namespaces' root: build a fresh root on a tmpfs in `workdir/root`, pivot into it,
-    make it read-only, then exec `final` in PROGRAM_DIR. Every bind is read-only but the program's dir.
+def _setup_script(workdir: str, final: list[str], tools: dict, owner: int, cgroups: list[str], user_ns: bool) -> str:
+    """Shell run as the namespaces' root: join the run's cgroups, build a fresh root on a tmpfs in
+    `workdir/root`, copy the program into its own tmpfs directory, pivot into the root, make it read-only,
+    then exec `final` in PROGRAM_DIR. Every bind is read-only; only the three tmpfs are writable, and they
+    vanish with the mount namespace, so nothing a program writes reaches the host's disk.
 
     The mounts are listed in two fstab files for one `mount -a` each (a dozen mounts cost ~40 ms as separate
-    `mount` processes, ~15 ms this way); X-mount.mkdir creates each mount point."""
+    `mount` processes, ~15 ms this way); X-mount.mkdir creates each mount point. `user_ns`: the script runs
+    in the sandbox's own user namespace ("user" mode), where it also forbids nested user namespaces (in
+    "root" mode `final` does that in a user namespace of its own: here it would change the host's limit)."""
     q = shlex.quote
     mount, umount, pivot_root = (q(tools[t]) for t in ("mount", "umount", "pivot_root"))  # sbin may not be on PATH
     root = os.path.join(workdir, "root")
     at = lambda d: _fstab_path(root + d)  # noqa: E731
     # the sandbox's own /tmp and /dev/shm first: a venv that lives under /tmp is bound on top of them below
-    entries = [f"grlo-tmp {at('/tmp')} tmpfs size={TMP_SIZE},mode=1777,X-mount.mkdir 0 0",
-               f"grlo-shm {at('/dev/shm')} tmpfs size={TMP_SIZE},mode=1777,X-mount.mkdir 0 0",
+    size = f"size={TMPFS_MB}m,nr_inodes=65536"
+    entries = [f"grlo-tmp {at('/tmp')} tmpfs {size},mode=1777,X-mount.mkdir 0 0",
+               f"grlo-shm {at('/dev/shm')} tmpfs {size},mode=1777,X-mount.mkdir 0 0",
                f"proc {at('/proc')} proc X-mount.mkdir 0 0",
-               f"{_fstab_path(os.path.join(workdir, 'work'))} {at(PROGRAM_DIR)} none bind,X-mount.mkdir 0 0"]  # fmt: skip
-    for d in SYSTEM_DIRS:  # a merged-/usr symlink (/bin -> usr/bin) is bound as the directory it names
-        if os.path.isdir(d):
+               f"grlo-work {at(PROGRAM_DIR)} tmpfs {size},mode=700,uid={owner},gid={owner},X-mount.mkdir 0 0"]  # fmt: skip
+    links = []
+    for d in SYSTEM_DIRS:  # a merged-/usr symlink (/bin -> usr/bin) is made again as the same symlink
+        if os.path.islink(d) and os.path.isdir(d) and not os.path.isabs(os.readlink(d)):
+            links.append(f"ln -s {q(os.readlink(d))} .{d}")
+        elif os.path.isdir(d):
             entries.append(f"{_fstab_path(os.path.realpath(d))} {at(d)} none bind,ro,X-mount.mkdir 0 0")
     for d in python_dirs():
         entries.append(f"{_fstab_path(os.path.realpath(d))} {at(d)} none bind,ro,X-mount.mkdir 0 0")
@@ -125,8 +134,11 @@ def _setup_script(workdir: str, final: list[str], tools: dict) -> str:
         with open(os.path.join(workdir, name), "w") as f:
             f.write("\n".join(lines) + "\n")
     return "\n".join([
-        "set -e", f"{mount} --make-rprivate /", f"{mount} -t tmpfs -o size=16m,mode=755 grlo-root {q(root)}",
+        "set -e", *(f"echo 0 > {q(os.path.join(c, 'cgroup.procs'))}" for c in cgroups),
+        f"{mount} --make-rprivate /", f"{mount} -t tmpfs -o size=16m,mode=755 grlo-root {q(root)}",
         f"{mount} -a -T {q(os.path.join(workdir, 'mounts.fstab'))}", f"cd {q(root)}",
+        *(["echo 0 > proc/sys/user/max_user_namespaces"] if user_ns else []), *links,
+        f"cp {q(os.path.join(workdir, 'main.py'))} .{PROGRAM_DIR}/main.py",
         *(f": > dev/{dev}" for dev in DEVICES), f"{mount} -a -T {q(os.path.join(workdir, 'devices.fstab'))}",
         "ln -s /proc/self/fd dev/fd", "mkdir .old", f"{pivot_root} . .old", f"{umount} -l /.old",
         f"{mount} -o remount,bind,ro /", f"cd {PROGRAM_DIR}", "exec " + " ".join(q(a) for a in final),
@@ -146,24 +158,57 @@ def _setpriv_cmd(setpriv: str, uid: int | None) -> list[str]:
     return [setpriv, *ids, "--no-new-privs", "--bounding-set=-all", "--pdeathsig=SIGKILL", "--"]
 
 
-def _command(caps: dict, workdir: str, uid: int | None, argv: list[str]) -> list[str]:
-    """The full argv that runs `argv` (cwd: the program's dir) under the layers in `caps`."""
+def _limits(timeout_s: float, memory_mb: int) -> list[tuple[int, int]]:
+    """The rlimits of a program: address space, CPU seconds, file size, open files, no core dump."""
+    return [(resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, math.ceil(timeout_s) + 1),
+            (resource.RLIMIT_FSIZE, MAX_FILE_BYTES), (resource.RLIMIT_NOFILE, MAX_OPEN_FILES),
+            (resource.RLIMIT_CORE, 0)]  # fmt: skip
+
+
+_PRLIMIT_FLAGS = {resource.RLIMIT_AS: "--as", resource.RLIMIT_CPU: "--cpu", resource.RLIMIT_FSIZE: "--fsize",
+                  resource.RLIMIT_NOFILE: "--nofile", resource.RLIMIT_CORE: "--core"}  # fmt: skip
+# Joins a new, empty session keyring, then runs main.py: the caller's session keyring (and any key in it) is
+# out of reach before the program's first line. keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL), by syscall number.
+_KEYCTL_NR = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 280, "s390x": 280}.get(os.uname().machine)
+_BOOT = (
+    "import sys, runpy\ntry:\n    import ctypes\n    ctypes.CDLL(None, use_errno=True).syscall({nr}, 1, None)\n"
+    "    del ctypes\nexcept Exception:\n    pass\nsys.argv[0] = 'main.py'\nrunpy.run_path('main.py', run_name='__main__')"
+)
+
+
+def _command(caps: dict, workdir: str, uid: int | None, timeout_s: float, memory_mb: int, cgroups: list[str]):
+    """The full argv that runs main.py (cwd: the program's dir) under the layers in `caps`, and whether the
+    caller must set the rlimits itself (degraded mode, which has no prlimit)."""
+    python = [sys.executable, "-I"] + (["-c", _BOOT.format(nr=_KEYCTL_NR)] if _KEYCTL_NR else ["main.py"])
     if caps["mode"] == "degraded":
-        return argv
+        return python
     # RLIMIT_NPROC is set last, as root or inside the user namespace: set earlier, it would count every
     # process the caller owns (a trainer's threads) against MAX_PROCS.
-    final = [caps["prlimit"], f"--nproc={MAX_PROCS}:{MAX_PROCS}", "--", *_setpriv_cmd(caps["setpriv"], uid), *argv]
+    limits = [f"{_PRLIMIT_FLAGS[r]}={v}:{v}" for r, v in _limits(timeout_s, memory_mb)]
+    prlimit = [caps["prlimit"], *limits, f"--nproc={MAX_PROCS}:{MAX_PROCS}", "--"]
     if caps["mode"] == "uid":
-        return final
-    flags = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
+        return [*prlimit, *_setpriv_cmd(caps["setpriv"], uid), *python]
     if caps["mode"] == "user":  # the namespaces' root is the caller's uid, with no power outside them
-        flags = ["--user", "--map-root-user", *flags]
-    return [caps["unshare"], *flags, "--", "/bin/sh", "-c", _setup_script(workdir, final, caps)]
+        final = [*prlimit, *_setpriv_cmd(caps["setpriv"], None), *python]
+        flags = ["--user", "--map-root-user"]
+    else:
+        # root: the throw-away uid enters a user namespace of its own (it is root there, nowhere else), forbids
+        # nested ones (a nested namespace would give a program its capabilities back), then drops every
+        # capability. Its user keyrings belong to that namespace and die with it.
+        inner = " ".join(shlex.quote(a) for a in [*_setpriv_cmd(caps["setpriv"], None), *python])
+        final = [*prlimit, *_setpriv_cmd(caps["setpriv"], uid), caps["unshare"], "--user", "--map-root-user", "--",
+                 "/bin/sh", "-c", f"set -e\necho 0 > /proc/sys/user/max_user_namespaces\nexec {inner}"]  # fmt: skip
+        flags = []
+    flags += ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
+    owner = uid if caps["mode"] == "root" else 0
+    setup = _setup_script(workdir, final, caps, owner, cgroups, caps["mode"] == "user")
+    return [caps["unshare"], *flags, "--", "/bin/sh", "-c", setup]
 
 
 def sandbox_caps() -> dict:
     """Probe once which mode works here (see the module docstring): {"mode", "unshare", "setpriv", "prlimit",
-    "why"}. A mode counts only if a probe program really runs through it."""
+    "why", "cgroup" (the parent groups each run's cgroup goes under; [] if none), "cgroup_why"}. A mode, and
+    the cgroup, count only if a probe program really runs through them."""
     global _caps
     with _caps_lock:
         if _caps is not None:
@@ -185,6 +230,15 @@ def sandbox_caps() -> dict:
                 break
             why += f"{'; ' if why else ''}the {mode}-mode probe failed: {result.stderr.strip()[-300:] or result.returncode}"
         caps["why"] = why
+        caps["cgroup"], caps["cgroup_why"] = [], "no namespaces"
+        if caps["mode"] in ("root", "user"):
+            parents, caps["cgroup_why"] = _cgroup_parents()
+            if parents:  # counts only if a probe program really runs inside the group
+                result = _run({**caps, "cgroup": parents}, "print(open('/proc/self/cgroup').read())", "", 30.0, 256)
+                if result.ok and "/grlo-" in result.stdout:
+                    caps["cgroup"] = parents
+                else:
+                    caps["cgroup_why"] = f"the cgroup probe failed: {result.stderr.strip()[-300:] or result.returncode}"
         if caps["mode"] in ("uid", "degraded"):
             logger.warning("code sandbox %s (%s): %s", caps["mode"].upper(), why, "programs reach the network and see host "
                            "processes" if caps["mode"] == "uid" else "programs run with this process's uid, files and network")  # fmt: skip
@@ -210,6 +264,9 @@ def self_check() -> dict:
                 f"the code sandbox ({caps['mode']} mode) cannot run `{code}`: {result.stderr.strip()[-600:] or result}. "
                 f"Every code sample would score 0. Interpreter: {sys.executable}. If numpy is missing, install it "
                 f"in this environment; otherwise see docs/reward.md, 'The code sandbox'.")  # fmt: skip
+    if not getattr(self_check, "told", False):
+        self_check.told = True
+        print(f"code sandbox: {caps['mode']} mode; {memory_bound(caps)}", file=sys.stderr, flush=True)
     if caps["mode"] == "degraded" and not getattr(self_check, "warned", False):
         self_check.warned = True
         print(f"\n{'!' * 100}\nWARNING: the code sandbox is DEGRADED here ({caps['why']}).\nModel-written programs will "
@@ -220,13 +277,25 @@ def self_check() -> dict:
     return caps
 
 
+def memory_bound(caps: dict, memory_mb: int = 1024) -> str:
+    """What bounds one program's memory here, in words, with the numbers (for memory_mb, run_python's default)."""
+    files = f"3 x {TMPFS_MB} MiB of in-memory files" if caps["mode"] in ("root", "user") else "files on this disk"
+    if caps["cgroup"]:
+        version = "v1" if any("/memory" in p for p in caps["cgroup"]) else "v2"
+        return (f"cgroup {version} per program: {memory_mb + 3 * TMPFS_MB + CGROUP_SLACK_MB} MiB of memory (all of it: "
+                f"heap, {files}, shm and memfd pages) and {MAX_PROCS + 4} processes")  # fmt: skip
+    per_proc = memory_mb + MAX_OPEN_FILES * (MAX_FILE_BYTES >> 20)
+    return (f"no cgroup ({caps['cgroup_why']}): rlimits only, at most {MAX_PROCS} processes x ({memory_mb} MiB address "
+            f"space + {MAX_OPEN_FILES} open files x {MAX_FILE_BYTES >> 20} MiB memfd) = {MAX_PROCS * per_proc} MiB, plus "
+            f"{files}")  # fmt: skip
+
+
 # ---- running one program ----
-def _limit_resources(cpu_s: int, memory_bytes: int) -> None:
-    """preexec_fn, in the forked child before exec: setrlimit only (no imports, no locks: we may be threaded).
-    RLIMIT_NPROC is set later, inside the namespaces (see _command); in degraded mode it is not set at all:
-    there it would count the caller's own processes."""
-    for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_s),
-                         (resource.RLIMIT_FSIZE, MAX_FILE_BYTES), (resource.RLIMIT_CORE, 0)):  # fmt: skip
+def _limit_resources(limits: list) -> None:
+    """preexec_fn of degraded mode only (elsewhere prlimit sets them, and Popen can use the cheap vfork): in
+    the forked child before exec, setrlimit only (no imports, no locks: we may be threaded). RLIMIT_NPROC is
+    not set here: it would count the caller's own processes."""
+    for limit, value in limits:
         resource.setrlimit(limit, (value, value))
 
 
@@ -297,34 +366,38 @@ def run_python(
 
 def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int, pass_fds=(), stop=None) -> ExecResult:
     uid = SANDBOX_UID_BASE + _rng.randrange(SANDBOX_UID_SPAN) if caps["mode"] in ("root", "uid") else None
-    workdir = tempfile.mkdtemp(prefix="grlo_sandbox_")  # host side: root/ (mount point), work/ (the program's dir)
-    work = os.path.join(workdir, "work")
-    os.mkdir(work)
-    os.mkdir(os.path.join(workdir, "root"))
-    os.chmod(workdir, 0o711)  # "uid" mode: the throw-away uid must pass through to work/, never list it
-    isolated = caps["mode"] in ("root", "user")  # namespaces: own filesystem, PID space and network
+    isolated = caps["mode"] in ("root", "user")  # namespaces: own filesystem (program dir in memory), PID space, network
     start = time.monotonic()
     deadline = start + timeout_s
-    proc = feeder = None
+    proc = feeder = workdir = None
     killed = timed_out = truncated = False
     returncode = -1
-    buffers = {}
+    buffers, cgroups = {}, []
     to_close = list(pass_fds)  # closed exactly once: a number closed twice may be another thread's new file
     try:
         if stop is not None and stop.is_set():
             raise _Stopped
+        # host side: main.py, root/ (mount point); "uid"/degraded: work/, the program's dir, on this disk
+        workdir = tempfile.mkdtemp(prefix="grlo_sandbox_")
+        work = workdir if isolated else os.path.join(workdir, "work")
+        if not isolated:
+            os.mkdir(work)
+            os.chmod(workdir, 0o711)  # "uid" mode: the throw-away uid must pass through to work/, never list it
+        else:
+            os.mkdir(os.path.join(workdir, "root"))
         with open(os.path.join(work, "main.py"), "w") as f:
             f.write(code)
-        if uid is not None:
+        if uid is not None and not isolated:
             os.chown(work, uid, uid)
+        cgroups = _cgroup_create(caps, memory_mb)
         home = PROGRAM_DIR if isolated else work
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": "/tmp" if isolated else work,
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
+        degraded = caps["mode"] == "degraded"
         proc = subprocess.Popen(
-            _command(caps, workdir, uid, [sys.executable, "-I", "main.py"]), cwd=work, env=env,
-            start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=functools.partial(_limit_resources, math.ceil(timeout_s) + 1, memory_mb << 20),
-            pass_fds=pass_fds,
+            _command(caps, workdir, uid, timeout_s, memory_mb, cgroups), cwd=work, env=env, start_new_session=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds,
+            preexec_fn=functools.partial(_limit_resources, _limits(timeout_s, memory_mb)) if degraded else None,
         )  # fmt: skip
         _close(to_close)
         feeder = threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin.encode()), daemon=True)
@@ -373,8 +446,107 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int, pa
                 returncode = proc.wait()
         if feeder is not None:
             feeder.join(timeout=1.0)
-        shutil.rmtree(workdir, ignore_errors=True)
+        oom = _cgroup_remove(cgroups)
+        if workdir is not None:
+            remove_tree(workdir)
     out, err = (bytes(buf).decode("utf-8", "replace") for buf in buffers.values()) if buffers else ("", "")
-    return ExecResult(ok=returncode == 0 and not timed_out and not truncated, timed_out=timed_out,
-                      returncode=returncode, stdout=out, stderr=err, duration_s=time.monotonic() - start,
-                      output_truncated=truncated)  # fmt: skip
+    if oom:
+        err += "\nsandbox: the run's cgroup hit its memory limit (the kernel killed a process)"
+    return ExecResult(ok=returncode == 0 and not timed_out and not truncated and not oom, timed_out=timed_out,
+                      returncode=-9 if oom and returncode >= 0 else returncode, stdout=out, stderr=err,
+                      duration_s=time.monotonic() - start, output_truncated=truncated)  # fmt: skip
+
+
+# ---- cgroups: memory the rlimits cannot see (tmpfs, shm, memfd pages) and the number of processes ----
+CGROUP_SLACK_MB = 64  # for the launcher's shell and mounts, on top of memory_mb and the three tmpfs
+
+
+def _cgroup_parents() -> tuple[list[str], str]:
+    """Where each run's cgroup goes, and the reason when nowhere. cgroup v1 (the `memory` and `pids`
+    hierarchies): a child of this process's own group in each, as root. cgroup v2: a child of
+    $GRLO_SANDBOX_CGROUP, else of this process's own group, when that group already enables memory and pids
+    for its children (cgroup.subtree_control) and we may create groups there (see docs/reward.md)."""
+    own = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                for c in controllers.split(",") if controllers else [""]:
+                    own[c] = path
+    v1 = [os.path.join("/sys/fs/cgroup", c) for c in ("memory", "pids")]
+    if all(os.path.isfile(os.path.join(d, "cgroup.procs")) for d in v1) and "memory" in own and "pids" in own:
+        parents = []
+        for d, c in zip(v1, ("memory", "pids")):
+            mine = os.path.join(d, own[c].lstrip("/"))
+            parents.append(mine if os.path.isdir(mine) else d)  # a container may see its group as the root
+        if all(os.access(d, os.W_OK) for d in parents):
+            return parents, ""
+        return [], "cgroup v1: no write access to " + " or ".join(parents)
+    parent = os.environ.get("GRLO_SANDBOX_CGROUP") or os.path.join("/sys/fs/cgroup", own.get("", "/").lstrip("/"))
+    try:
+        with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+            enabled = f.read().split()
+    except OSError:
+        return [], f"no cgroup v1 memory+pids hierarchies and no cgroup v2 group at {parent}"
+    if not {"memory", "pids"} <= set(enabled) or not os.access(parent, os.W_OK):
+        return [], (f"cgroup v2 group {parent} does not enable memory and pids for children we can create "
+                    "(set GRLO_SANDBOX_CGROUP to one that does)")  # fmt: skip
+    return [parent], ""
+
+
+def _cgroup_create(caps: dict, memory_mb: int) -> list[str]:
+    """A fresh group per run under each parent in caps["cgroup"], with memory and process limits."""
+    limit = (memory_mb + 3 * TMPFS_MB + CGROUP_SLACK_MB) << 20
+    made = []
+    try:
+        for parent in caps.get("cgroup") or []:
+            group = os.path.join(parent, f"grlo-{os.getpid()}-{_rng.randrange(1 << 48):012x}")
+            os.mkdir(group)
+            made.append(group)
+            files = {"memory.limit_in_bytes": limit, "memory.max": limit, "memory.swap.max": 0,
+                     "memory.memsw.limit_in_bytes": limit, "pids.max": MAX_PROCS + 4}  # fmt: skip
+            for name, value in files.items():
+                if os.path.exists(os.path.join(group, name)):
+                    with open(os.path.join(group, name), "w") as f:
+                        f.write(str(value))
+        return made
+    except OSError:
+        _cgroup_remove(made)
+        raise
+
+
+def _cgroup_remove(groups: list[str]) -> bool:
+    """Remove the run's groups (all its processes are gone by now); True if the kernel OOM-killed in one."""
+    oom = False
+    for group in groups:
+        for name in ("memory.oom_control", "memory.events"):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(group, name)) as f:
+                    oom |= any(line.startswith("oom_kill ") and int(line.split()[1]) > 0 for line in f)
+        for attempt in range(100):  # a killed namespace's last processes may take a moment to leave
+            try:
+                os.rmdir(group)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+        else:
+            logger.warning("sandbox: could not remove cgroup %s", group)
+    return oom
+
+
+# ---- clean-up of what a program left on this disk ("uid" and degraded modes) ----
+def remove_tree(path: str) -> None:
+    """Remove `path` whatever a program did inside it: directories of mode 0 (made writable again, as their
+    owner or as root), trees deeper than Python's recursion limit (rm, which does not recurse on the stack),
+    files of any mode. Raises OSError only if something really stays."""
+    if not os.path.lexists(path):
+        return
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path)
+    if os.path.lexists(path):
+        subprocess.run(["chmod", "-R", "u+rwx", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["rm", "-rf", "--one-file-system", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if os.path.lexists(path):
+        raise OSError(f"the sandbox could not remove {path}")
