@@ -30,7 +30,7 @@ import struct
 import sys
 import traceback
 
-MAX_MESSAGE_BYTES = 64 << 20  # one call's arguments or one return value, encoded; a larger one fails that test
+MAX_MESSAGE_BYTES = 16 << 20  # one call's arguments or one return value, encoded; a larger one fails that test
 _HEADER = struct.Struct(">Q")
 
 
@@ -290,11 +290,113 @@ def judge_main(fd_in: int, fd_out: int) -> None:
     os._exit(0)
 
 
-# ---- the host side: the text each sandbox runs ----
+# ---- the host side (not sent into the sandboxes): start both processes, read the judge's report ----
+import contextlib  # noqa: E402
+import threading  # noqa: E402
+
+import sandbox  # noqa: E402
+
+OUTCOMES = ("pass", "wrong_answer", "error", "timeout", "resource_limit", "sandbox_failure")
+_RESOURCE_ERRORS = ("MemoryError", "OutOfMemoryError")
+_HOST_MARK = "# ---- the host side (not sent into the sandboxes)"
+
+
 def program(role: str, fd_in: int, fd_out: int, source: str = "") -> str:
-    """This module's text, then the call that starts `role` ("candidate" or "judge") on the given pipe ends."""
+    """This module's text down to the host side, then the call that starts `role` ("candidate" or "judge") on
+    the given pipe ends."""
     with open(__file__) as f:
-        text = f.read()
+        text = f.read().split(_HOST_MARK)[0]
     if role == "candidate":
         return f"{text}\ncandidate_main({source!r}, {fd_in}, {fd_out})\n"
     return f"{text}\njudge_main({fd_in}, {fd_out})\n"
+
+
+def outcome(passed: int, n: int, failure: str, ended: sandbox.ExecResult | None) -> tuple[float, str]:
+    """(pass fraction, "<outcome>: k/n passed[; first failure]") from the tests the judge saw pass, its first
+    failure, and how the program's process `ended`. The fraction counts only the judge's own test indices,
+    so it lies in [0, 1]. Precedence: pass, timeout, resource_limit, wrong_answer, error."""
+    killed = ended is not None and not ended.stopped and (ended.output_truncated or ended.returncode < 0)
+    if passed == n:
+        kind = "pass"
+    elif ended is not None and ended.timed_out:
+        kind = "timeout"
+    elif killed or failure.startswith(_RESOURCE_ERRORS):  # an output flood, a signal from a limit, MemoryError
+        kind = "resource_limit"
+    elif failure.startswith("AssertionError") or failure == "wrong output":
+        kind = "wrong_answer"
+    else:
+        kind = "error"
+    return passed / n, f"{kind}: {passed}/{n} passed" + (f"; {failure[:200]}" if failure and kind != "pass" else "")
+
+
+def judge_functions(
+    source: str, tests: list[str], setup: str, entry_point: str, all_or_nothing: bool = True, timeout_s: float = 10.0
+) -> tuple[float, str]:
+    """Judge `tests` (Python statements that call the program's functions) against the program `source`: the
+    program runs in one sandbox (candidate_main), the trusted `setup` and the tests in another (judge_main),
+    joined by two pipes. all_or_nothing: stop at the first failed test. Returns (pass fraction, outcome)."""
+    if not tests:
+        raise ValueError("no tests to judge")
+    c_in, j_out = os.pipe()  # judge -> candidate: calls
+    j_in, c_out = os.pipe()  # candidate -> judge: answers
+    stop = threading.Event()
+    results = {}
+    text = program("candidate", c_in, c_out, source)
+
+    def candidate():
+        try:  # run_python closes its pipe ends whatever happens, so the judge then sees the program gone
+            results["candidate"] = sandbox.run_python(text, timeout_s=timeout_s, pass_fds=(c_in, c_out), stop=stop)
+        except Exception as e:
+            results["error"] = e
+
+    thread = threading.Thread(target=candidate, daemon=True)
+    try:
+        thread.start()
+        spec = json.dumps({"setup": setup, "tests": tests, "entry_point": entry_point, "stop_on_fail": all_or_nothing})
+        judge = sandbox.run_python(
+            program("judge", j_in, j_out), stdin=spec, timeout_s=timeout_s, pass_fds=(j_in, j_out)
+        )
+    finally:
+        stop.set()  # the program has answered every call it will be asked; it normally exits at end of file
+        thread.join()
+    if "error" in results:
+        raise results["error"]
+    ended = results.get("candidate")
+    passed, failure, load = set(), "", ""
+    for line in judge.stdout.splitlines():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            r = json.loads(line)
+            if "load" in r and r["load"]:  # the program raised while loading (SyntaxError, ...)
+                load = ": ".join(map(str, r["load"]))
+            i = r["test"]
+            if type(i) is int and 0 <= i < len(tests) and r["passed"] is True:
+                passed.add(i)
+            elif type(i) is int and not failure:
+                failure = ": ".join(map(str, r["why"] or ["?"]))
+    if judge.timed_out:
+        return outcome(len(passed), len(tests), failure, sandbox.ExecResult(False, True, -9, "", ""))  # both waited
+    if not judge.ok or (len(passed) < len(tests) and not failure):
+        return 0.0, f"sandbox_failure: the judge failed: {judge.stderr.strip()[-300:] or judge.returncode}"
+    if load and len(passed) < len(tests):
+        failure = f"{load} (while loading the program); then {failure}"
+    return outcome(len(passed), len(tests), failure, ended)
+
+
+def normalise(text: str) -> list[str]:
+    return [" ".join(line.split()) for line in text.strip().splitlines()]
+
+
+def judge_stdio(code: str, cases: list, all_or_nothing: bool = True, timeout_s: float = 10.0) -> tuple[float, str]:
+    """Pass fraction over stdin/stdout cases, one sandbox each, and the outcome; outputs compared here, line by
+    line, whitespace normalised. A time-out ends the run: the remaining (usually larger) cases would time out too."""
+    passed, failure, last = 0, "", None
+    for stdin, expected in cases:
+        last = result = sandbox.run_python(code, stdin=stdin, timeout_s=timeout_s)
+        ok = result.ok and normalise(result.stdout) == normalise(expected)
+        passed += ok
+        if not ok and not failure:
+            error = (result.stderr.strip().splitlines() or [""])[-1]
+            failure = "wrong output" if result.ok else error or f"exit status {result.returncode}"
+        if result.timed_out or (all_or_nothing and not ok):
+            break
+    return outcome(passed, len(cases), failure, last if passed < len(cases) else None)

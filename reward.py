@@ -21,7 +21,6 @@ walk the interpreter's frames to find the nonce.
 """
 
 import base64
-import contextlib
 import inspect
 import io
 import json
@@ -44,7 +43,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import code_judge
 import sandbox
 import systems
-from sandbox import run_python
 
 logger = logging.getLogger(__name__)
 
@@ -462,8 +460,7 @@ def check_sandbox(rows: list[dict]) -> None:
 # Function-call tests (HumanEval, MBPP, LiveCodeBench functional) run in code_judge's judge process, the program
 # in another sandbox; stdin/stdout tests compare the program's output here. Every run ends in one outcome, in
 # this order of precedence: pass, wrong_answer, error, timeout, resource_limit, sandbox_failure.
-OUTCOMES = ("pass", "wrong_answer", "error", "timeout", "resource_limit", "sandbox_failure")
-_RESOURCE_ERRORS = ("MemoryError", "OutOfMemoryError")
+OUTCOMES = code_judge.OUTCOMES
 _STDIO_KEYS = ("inputs", "input_output", "public_test_cases", "private_test_cases")
 # LiveCodeBench prepends imports to LeetCode-style ("functional") solutions, whose starter code uses List.
 _FUNCTIONAL_PRELUDE = "from typing import *\nimport bisect, collections, functools, heapq, itertools, math, re\n"
@@ -493,92 +490,9 @@ def _json_field(value):
     return json.loads(_StrOnly(io.BytesIO(raw)).load())
 
 
-def _outcome(passed: int, n: int, failure: str, program: sandbox.ExecResult | None) -> tuple[float, str]:
-    """(pass fraction, "<outcome>: k/n passed[; first failure]") from what the judge saw and how the program
-    ended. The fraction counts only the judge's own test indices, so it lies in [0, 1]."""
-    if program is not None and program.timed_out:
-        kind = "timeout"
-    elif program is not None and (program.output_truncated or program.returncode < 0):  # flood, or killed by a limit
-        kind = "resource_limit"
-    elif passed == n:
-        kind = "pass"
-    elif failure.startswith(_RESOURCE_ERRORS):
-        kind = "resource_limit"
-    elif failure.startswith("AssertionError") or failure == "wrong output":
-        kind = "wrong_answer"
-    else:
-        kind = "error"
-    return passed / n, f"{kind}: {passed}/{n} passed" + (f"; {failure[:200]}" if failure and kind != "pass" else "")
-
-
-def _run_tests(
-    source: str, tests: list[str], all_or_nothing: bool, timeout_s: float, setup: str = "", entry_point: str = ""
-) -> tuple[float, str]:
-    """Judge `tests` (Python statements that call the program's functions) against `source`: the program runs
-    in one sandbox (code_judge.candidate_main), the trusted `setup` and the tests in another
-    (code_judge.judge_main), joined by two pipes. Returns (pass fraction, outcome)."""
-    c_in, j_out = os.pipe()  # judge -> candidate: calls
-    j_in, c_out = os.pipe()  # candidate -> judge: answers
-    stop = threading.Event()
-    results = {}
-
-    def candidate():
-        results["candidate"] = run_python(code_judge.program("candidate", c_in, c_out, source), timeout_s=timeout_s,
-                                          pass_fds=(c_in, c_out), stop=stop)  # fmt: skip
-
-    thread = threading.Thread(target=candidate, daemon=True)
-    try:
-        thread.start()
-        spec = json.dumps({"setup": setup, "tests": tests, "entry_point": entry_point, "stop_on_fail": all_or_nothing})
-        judge = run_python(code_judge.program("judge", j_in, j_out), stdin=spec, timeout_s=timeout_s, pass_fds=(j_in, j_out))
-    finally:
-        stop.set()  # the program has answered every call it will be asked; it normally exits at end of file
-        thread.join()
-    program = results.get("candidate")
-    passed, failure, load = set(), "", ""
-    for line in judge.stdout.splitlines():
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            r = json.loads(line)
-            if "load" in r and r["load"]:  # the program raised while loading (SyntaxError, ...)
-                load = ": ".join(map(str, r["load"]))
-            i = r["test"]
-            if type(i) is int and 0 <= i < len(tests) and r["passed"] is True:
-                passed.add(i)
-            elif type(i) is int and not failure:
-                failure = ": ".join(map(str, r["why"] or ["?"]))
-    if judge.timed_out:
-        return _outcome(len(passed), len(tests), failure, sandbox.ExecResult(False, True, -9, "", ""))
-    if not judge.ok or (len(passed) < len(tests) and not failure):
-        return 0.0, f"sandbox_failure: the judge failed: {judge.stderr.strip()[-300:] or judge.returncode}"
-    if load and len(passed) < len(tests):
-        failure = f"{load} (while loading the program); then {failure}"
-    return _outcome(len(passed), len(tests), failure, program)
-
-
-def _normalise(text: str) -> list[str]:
-    return [" ".join(line.split()) for line in text.strip().splitlines()]
-
-
-def _run_stdio(code: str, cases: list[tuple[str, str]], all_or_nothing: bool, timeout_s: float) -> tuple[float, str]:
-    """Pass fraction over stdin/stdout cases, one sandbox each, and the outcome; outputs compared here, line by
-    line, whitespace normalised. A time-out ends the run: the remaining (usually larger) cases would time out too."""
-    passed, failure, last = 0, "", None
-    for stdin, expected in cases:
-        last = result = run_python(code, stdin=stdin, timeout_s=timeout_s)
-        ok = result.ok and _normalise(result.stdout) == _normalise(expected)
-        passed += ok
-        if not ok and not failure:
-            error = (result.stderr.strip().splitlines() or [""])[-1]
-            failure = "wrong output" if result.ok else error or f"exit status {result.returncode}"
-        if result.timed_out or (all_or_nothing and not ok):
-            break
-    return _outcome(passed, len(cases), failure, last if passed < len(cases) else None)
-
-
-def _code_score(response: str, tests, all_or_nothing: bool = True, timeout_s: float = 10.0) -> tuple[float, str]:
-    """(pass fraction, outcome) of the response's program against hub-format `tests`. Malformed tests raise
-    ValueError before anything runs; nothing the program does makes this raise (a failure of the sandbox or of
-    its clean-up is the outcome "sandbox_failure", logged)."""
+def code_plan(response: str, tests) -> tuple[str, dict]:
+    """How the response's program is judged against hub-format `tests`: ("functions", keyword arguments of
+    code_judge.judge_functions) or ("stdio", those of code_judge.judge_stdio). Malformed tests raise ValueError."""
     t = json.loads(tests) if isinstance(tests, str) else tests
     t = {"test_list": t} if isinstance(t, list) else dict(t)
     code = extract_code(response)
@@ -591,41 +505,46 @@ def _code_score(response: str, tests, all_or_nothing: bool = True, timeout_s: fl
         cases += [{"input": i, "output": o} for i, o in zip(apps.get("inputs", []), apps.get("outputs", []))]
         if not cases:
             raise ValueError("code tests have stdin/stdout keys but no cases")
-        if any(c.get("testtype") == "functional" for c in cases):
-            # LeetCode-style: each input line is one JSON argument of Solution().<func_name>(...).
-            fn = _json_field(t.get("metadata") or "{}").get("func_name")
-            asserts = [
-                f"_r = Solution().{fn}(*{[json.loads(a) for a in c['input'].splitlines()]!r})\n"
-                f"assert (list(_r) if isinstance(_r, tuple) else _r) == {json.loads(c['output'])!r}"
-                for c in cases
-            ]
-            run = lambda: _run_tests(_FUNCTIONAL_PRELUDE + code, asserts, all_or_nothing, timeout_s,  # noqa: E731
-                                     _FUNCTIONAL_PRELUDE, "Solution")  # fmt: skip
-        else:
-            pairs = [(c["input"], c["output"]) for c in cases]
-            run = lambda: _run_stdio(code, pairs, all_or_nothing, timeout_s)  # noqa: E731
-    elif "entry_point" in t and "def check(" in str(t.get("test")):
+        if not any(c.get("testtype") == "functional" for c in cases):
+            return "stdio", {"code": code, "cases": [[c["input"], c["output"]] for c in cases]}
+        # LeetCode-style: each input line is one JSON argument of Solution().<func_name>(...).
+        fn = _json_field(t.get("metadata") or "{}").get("func_name")
+        asserts = [
+            f"_r = Solution().{fn}(*{[json.loads(a) for a in c['input'].splitlines()]!r})\n"
+            f"assert (list(_r) if isinstance(_r, tuple) else _r) == {json.loads(c['output'])!r}"
+            for c in cases
+        ]
+        return "functions", {"source": _FUNCTIONAL_PRELUDE + code, "tests": asserts, "setup": _FUNCTIONAL_PRELUDE,
+                             "entry_point": "Solution"}  # fmt: skip
+    if "entry_point" in t and "def check(" in str(t.get("test")):
         # HumanEval(+): the prompt holds the signature and the imports (typing.List ...) that models drop
         # when they answer with the whole function; with a body-only answer, the code continues the prompt.
-        # The judge runs the prompt too: its helpers (HumanEval/32's `poly`) stay the judge's own.
+        # The judge runs the prompt too, so its helpers (HumanEval/32's `poly`) stay the judge's own.
         prompt, entry = t.get("prompt", ""), t["entry_point"]
         defined = re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE)
         source = prompt + ("\n\n" if defined else "") + code
-        unit = [t["test"] + f"\n\ncheck({entry})\n"]
-        run = lambda: _run_tests(source, unit, all_or_nothing, timeout_s, prompt, entry)  # noqa: E731
-    elif "test_list" in t or "test" in t:
+        return "functions", {"source": source, "tests": [t["test"] + f"\n\ncheck({entry})\n"], "setup": prompt,
+                             "entry_point": entry}  # fmt: skip
+    if "test_list" in t or "test" in t:
         # MBPP: asserts in `test_list` (+ `test_setup_code`); MBPP+: `test_imports` and the `test` script;
         # our bundled rows: {"entry_point", "test_list"}. The program gets the setup too, as in-process it had.
         setup = "\n".join(list(t.get("test_imports") or []) + [t.get("test_setup_code") or ""])
         units = list(t.get("test_list") or []) + ([t["test"]] if t.get("test") else [])
         if not units:
             raise ValueError("code tests have no test_list entries and no test script")
-        run = lambda: _run_tests(setup + "\n" + code, units, all_or_nothing, timeout_s, setup, t.get("entry_point", ""))  # noqa: E731
-    else:
-        raise ValueError(f"unrecognised code tests: keys {sorted(t)}")
+        return "functions", {"source": setup + "\n" + code, "tests": units, "setup": setup,
+                             "entry_point": t.get("entry_point", "")}  # fmt: skip
+    raise ValueError(f"unrecognised code tests: keys {sorted(t)}")
+
+
+def _code_score(response: str, tests, all_or_nothing: bool = True, timeout_s: float = 10.0) -> tuple[float, str]:
+    """(pass fraction, outcome) of the response's program against `tests`: code_plan, then code_judge. Nothing the
+    program does makes this raise: a failure of the sandbox or of its clean-up is "sandbox_failure", logged."""
+    kind, plan = code_plan(response, tests)
+    run = code_judge.judge_functions if kind == "functions" else code_judge.judge_stdio
     try:
-        return run()
-    except Exception as e:  # the sandbox or its clean-up failed: never stop a training run over one program
+        return run(**plan, all_or_nothing=all_or_nothing, timeout_s=timeout_s)
+    except Exception as e:  # never stop a training run over one program
         logger.exception("code reward: the sandbox failed")
         return 0.0, f"sandbox_failure: {type(e).__name__}: {str(e)[:200]}"
 

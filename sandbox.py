@@ -74,6 +74,7 @@ class ExecResult:
     stderr: str  # at most OUTPUT_CAP_BYTES
     duration_s: float = 0.0
     output_truncated: bool = False  # the program printed more than the cap and was killed
+    stopped: bool = False  # the caller's stop event ended the run (the program was killed on purpose)
 
 
 # ---- the filesystem the program sees ----
@@ -366,11 +367,14 @@ def run_python(
 
 def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int, pass_fds=(), stop=None) -> ExecResult:
     uid = SANDBOX_UID_BASE + _rng.randrange(SANDBOX_UID_SPAN) if caps["mode"] in ("root", "uid") else None
-    isolated = caps["mode"] in ("root", "user")  # namespaces: own filesystem (program dir in memory), PID space, network
+    isolated = caps["mode"] in (
+        "root",
+        "user",
+    )  # namespaces: own filesystem (program dir in memory), PID space, network
     start = time.monotonic()
     deadline = start + timeout_s
     proc = feeder = workdir = None
-    killed = timed_out = truncated = False
+    killed = timed_out = truncated = stopped = False
     returncode = -1
     buffers, cgroups = {}, []
     to_close = list(pass_fds)  # closed exactly once: a number closed twice may be another thread's new file
@@ -418,6 +422,7 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int, pa
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (stop is not None and stop.is_set()):
                 timed_out = remaining <= 0 and not exited
+                stopped = not timed_out and not exited
                 break
             if not open_fds:  # the program closed stdout/stderr: it is exiting, or still runs
                 time.sleep(min(remaining, 0.002))
@@ -431,7 +436,7 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int, pa
                 buffers[fd] += chunk[:room]
                 truncated |= len(chunk) > room  # an output flood: stop reading, kill below
     except _Stopped:
-        pass
+        stopped = True
     finally:
         _close(to_close)
         if proc is not None:
@@ -454,7 +459,7 @@ def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int, pa
         err += "\nsandbox: the run's cgroup hit its memory limit (the kernel killed a process)"
     return ExecResult(ok=returncode == 0 and not timed_out and not truncated and not oom, timed_out=timed_out,
                       returncode=-9 if oom and returncode >= 0 else returncode, stdout=out, stderr=err,
-                      duration_s=time.monotonic() - start, output_truncated=truncated)  # fmt: skip
+                      duration_s=time.monotonic() - start, output_truncated=truncated, stopped=stopped)  # fmt: skip
 
 
 # ---- cgroups: memory the rlimits cannot see (tmpfs, shm, memfd pages) and the number of processes ----
