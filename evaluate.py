@@ -397,7 +397,9 @@ def score_samples(spec: dict, rows: list, samples: list, get_rm, baseline: Optio
         return counts
     rm = get_rm() if spec["scorer"] == "rm" else None
     before = Counter(reward.MATH_FAILURES)
-    scores, stats, outcomes = reward.compute_rewards([rows[s["index"]] for s in samples], [s["response"] for s in samples], rm)
+    scores, stats, outcomes = reward.compute_rewards(
+        [rows[s["index"]] for s in samples], [s["response"] for s in samples], rm
+    )
     math_failures = reward.MATH_FAILURES - before  # this benchmark's: "timeout", "crash", "no_gold", "error:..."
     counts.update(timeouts=math_failures["timeout"] + int(stats.get("rewards/code_timeout", 0)),
                   errors=sum(n for k, n in math_failures.items() if k != "timeout"),

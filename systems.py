@@ -783,7 +783,9 @@ def reward_trend(rollouts_path: str, windows: int = 6) -> str:
     return "reward trend | " + " | ".join(parts)
 
 
-def write_rollouts(file, step: int, rows: list, responses: list, scores: list, rewards, truncated: list, outcomes: list) -> None:
+def write_rollouts(
+    file, step: int, rows: list, responses: list, scores: list, rewards, truncated: list, outcomes: list
+) -> None:
     """One JSON line per sample: the judge's raw `score`, its `outcome` for rule rows (reward.compute_rewards:
     "pass: 3/3 passed", "timeout: ...", math's "no_answer", ...) and the shaped `reward` (eq. 7) the advantages used."""
     for i, response in enumerate(responses):

@@ -1,4 +1,5 @@
-"""Reward hacks: wrong programs that try to score without solving the task, one per attack class.
+"""Reward hacks (wrong programs that try to score without solving the task, one per attack class) and host
+attacks (programs that try to outlast or outgrow their sandbox).
 
 Each is a payload (module-level code) plus the value the program's function returns. `program(attack, stub)` puts
 the two together for a format's function signature. Shared by tests/test_judge.py (as root) and
@@ -88,3 +89,31 @@ def program(attack: str, stub: str) -> str:
     """The attack's payload, then the format's function `stub` ("def f(*args):\\n    return {result}")."""
     payload, result = ATTACKS[attack]
     return payload + stub.format(result=result)
+
+
+HOST_ATTACKS = {
+    # directories deeper than Python's recursion limit, in the program's dir and in /tmp
+    "deep_tree": "import os\nfor base in ('.', '/tmp'):\n    os.chdir(base)\n    for i in range(1500):\n"
+    "        os.mkdir('d')\n        os.chdir('d')\nprint('made')",
+    # a directory of mode 0 holding data
+    "locked_dir": "import os\nos.mkdir('L')\nopen('L/data', 'w').write('x' * 1000)\nos.chmod('L', 0)\nprint('made')",
+    # fill every writable place with 8 MiB files
+    "disk_fill": "n = 0\nfor d in ('.', '/tmp', '/dev/shm'):\n    i = 0\n    while True:\n        try:\n"
+    "            with open(f'{d}/f{i}', 'wb') as f:\n                f.write(b'x' * (8 << 20))\n"
+    "        except OSError:\n            break\n        n, i = n + 8, i + 1\nprint('MiB', n)",
+    # memfd pages are outside RLIMIT_AS: 3 processes each hold as many 16 MiB memfds as they can
+    "memfd_fill": "import os, time\nfor k in range(3):\n    if os.fork() == 0:\n        fds = []\n        try:\n"
+    "            while True:\n                fd = os.memfd_create('x')\n                os.write(fd, b'y' * (16 << 20))\n"
+    "                fds.append(fd)\n                print('MiB', len(fds) * 16, flush=True)\n"
+    "        except BaseException:\n            pass\n        time.sleep(2)\n        os._exit(0)\n"
+    "for k in range(3):\n    os.wait()",
+    # a user namespace of its own would give the program every capability back (then: mount a big tmpfs)
+    "nested_userns": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "print('userns', libc.unshare(0x10000000), ctypes.get_errno())\nprint('mountns', libc.unshare(0x20000), ctypes.get_errno())",
+    # read and clear the caller's session keyring; leave keys in the (throw-away) uid's user keyrings
+    "keyring": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+    "buf = ctypes.create_string_buffer(64)\nprint('read', libc.syscall(250, 11, int(open('key_id').read()), buf, 64))\n"
+    "print('clear', libc.syscall(250, 7, ctypes.c_long(-3)))\n"
+    "for ring in (-4, -5):\n    libc.syscall(248, b'user', b'grlo-left', b'x' * 100, 100, ctypes.c_long(ring))\n"
+    "print('uid', open('/proc/self/uid_map').read().split()[1])",
+}

@@ -12,7 +12,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import code_judge  # noqa: E402
 import sandbox  # noqa: E402
+from reward_hacks import HOST_ATTACKS  # noqa: E402
 
 HOME = os.environ["HOME"]
 KEY, VICTIM, BASHRC = (os.path.join(HOME, p) for p in (".ssh/id_ed25519", "victim.txt", ".bashrc"))
@@ -97,8 +99,69 @@ def main():
     r = sandbox.run_python(marked(marker, "os.setsid()\nctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG off\n"
                                           "time.sleep(60)"), timeout_s=1.0)  # fmt: skip
     record("outlive the launcher (setsid, parent-death signal off)", r.timed_out and not alive(marker), r)
+    host_attacks(record)
+    # reward hacks: plans.json holds reward.code_plan of each attack in each format (made by the test as root)
+    out["hacks"] = {}
+    for item in json.load(open(os.path.join(HERE, "plans.json"))):
+        judge = code_judge.judge_functions if item["kind"] == "functions" else code_judge.judge_stdio
+        scores = [judge(**item["plan"], all_or_nothing=a, timeout_s=10.0)[0] for a in (True, False)]
+        out["hacks"][f"{item['attack']} in {item['format']}"] = scores
     out["self_check"] = sandbox.self_check()["mode"]
     print(json.dumps(out))
+
+
+def key_count(uid: int) -> int:
+    with open("/proc/key-users") as f:
+        return sum(int(line.split()[1]) for line in f if int(line.split(":")[0]) == uid)
+
+
+def host_attacks(record):
+    """The host attacks of reward_hacks.py: nothing stays on disk, every bound holds, no nested user namespace,
+    the caller's session keyring out of reach, no keys left behind."""
+    import ctypes
+    import glob
+    import tempfile
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    key = libc.syscall(248, b"user", b"grlo-driver-secret", b"TOPSECRET", 9, ctypes.c_long(-3))  # add_key to @s
+    keys_before = key_count(os.getuid())
+    on_disk = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), "grlo_sandbox_*")))  # noqa: E731
+    before = on_disk()
+    caps = sandbox.sandbox_caps()
+    r = {}
+    for name, code in HOST_ATTACKS.items():
+        try:
+            r[name] = sandbox.run_python((f"open('key_id', 'w').write('{key}')\n" if name == "keyring" else "") + code,
+                                         timeout_s=20.0, memory_mb=512)  # fmt: skip
+        except BaseException as e:
+            r[name] = sandbox.ExecResult(False, False, -1, "", f"RAISED {type(e).__name__}: {e}")
+    record(
+        "deep directory tree (1,500 levels)", r["deep_tree"].stdout == "made\n" and on_disk() == before, r["deep_tree"]
+    )
+    record(
+        "directory of mode 0 left behind", r["locked_dir"].stdout == "made\n" and on_disk() == before, r["locked_dir"]
+    )
+    filled = r["disk_fill"].stdout.split()
+    record("fill the disk", filled[:1] == ["MiB"] and int(filled[-1]) <= 3 * sandbox.TMPFS_MB, r["disk_fill"])
+    held = [int(line.split()[1]) for line in r["memfd_fill"].stdout.splitlines() if line.startswith("MiB")]
+    bound = (512 + 3 * sandbox.TMPFS_MB + sandbox.CGROUP_SLACK_MB) if caps["cgroup"] else (
+        sandbox.MAX_OPEN_FILES * (sandbox.MAX_FILE_BYTES >> 20))  # fmt: skip
+    record(
+        f"memfd pages outside RLIMIT_AS (bound {bound} MiB per process)", held and max(held) <= bound, r["memfd_fill"]
+    )
+    lines = dict(line.split(" ", 1) for line in r["nested_userns"].stdout.splitlines())
+    record("nested user namespace (capabilities back)", lines.get("userns", "0").split()[0] == "-1"
+           and lines.get("mountns", "0").split()[0] == "-1", lines)  # fmt: skip
+    lines = dict(line.split(" ", 1) for line in r["keyring"].stdout.splitlines())
+    buf = ctypes.create_string_buffer(64)
+    intact = libc.syscall(250, 11, key, buf, 64) == 9 and buf.raw[:9] == b"TOPSECRET"
+    record("read or clear the caller's session keyring", lines.get("read") == "-1" and intact, lines)
+    deadline = time.monotonic() + 10  # keys die with the program's user namespace, collected asynchronously
+    while key_count(os.getuid()) > keys_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    record("keys left in the kernel", key_count(os.getuid()) <= keys_before, key_count(os.getuid()))
+    libc.syscall(250, 21, key)  # KEYCTL_INVALIDATE
 
 
 if __name__ == "__main__":

@@ -769,8 +769,10 @@ def private_env(owner_uid: int) -> dict:
             shutil.copytree(src.parent / name, site / name, symlinks=True)
     clone = base / "clone"
     clone.mkdir()
-    shutil.copy(ROOT / "sandbox.py", clone)
-    shutil.copy(ROOT / "tests" / "sandbox_user_check.py", clone)
+    for path in ("sandbox.py", "code_judge.py", "tests/sandbox_user_check.py", "tests/reward_hacks.py"):
+        shutil.copy(ROOT / path, clone)
+    with open(clone / "plans.json", "w") as f:  # every reward hack in every format, as reward.code_plan maps it
+        json.dump(hack_plans(), f)
     home = base / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519").write_text(
@@ -781,6 +783,18 @@ def private_env(owner_uid: int) -> dict:
     (home / ".bashrc").write_text("# the user's own\n")
     subprocess.run(["chown", "-R", f"{owner_uid}:{owner_uid}", str(base)], check=True)
     return {"base": base, "python": str(venv / "bin/python"), "clone": clone, "home": home}
+
+
+def hack_plans() -> list:
+    from reward_hacks import ATTACKS, program
+    from test_judge import FORMATS
+
+    plans = []
+    for attack in ATTACKS:
+        for fmt, (row, stub) in FORMATS.items():
+            kind, plan = reward.code_plan(fenced(program(attack, stub)), row)
+            plans.append({"attack": attack, "format": fmt, "kind": kind, "plan": plan})
+    return plans
 
 
 def _userns_for(uid: int) -> bool:
@@ -795,8 +809,10 @@ def _userns_for(uid: int) -> bool:
 def test_attack_suite_for_an_ordinary_user_and_for_root(uid, mode):
     """The attack driver, run by uid 65534 (or root) from its private 0700 directory with its own venv: its
     files, key and HOME untouched, its venv and code unwritable, numpy importable, no network, nothing left
-    running. (Before sandbox.py's mount namespace, as uid 65534: the delete, the key read, the HOME, venv and
-    code writes went through.)"""
+    running, the host attacks of reward_hacks.py contained, and every reward hack in every format scored 0
+    through code_judge. (Before sandbox.py's mount namespace, as uid 65534: the delete, the key read, the HOME,
+    venv and code writes went through; before code_judge.py the reward hacks scored 1.0, and the deep tree,
+    disk and memfd fill, nested namespace and keyring attacks got through.)"""
     if uid and not _userns_for(uid):
         pytest.skip("unprivileged user namespaces are disabled here: the sandbox degrades (and says so)")
     env = private_env(uid)
@@ -818,7 +834,9 @@ def test_attack_suite_for_an_ordinary_user_and_for_root(uid, mode):
         assert report["uid"] == uid and report["mode"] == mode and report["self_check"] == mode, report["why"]
         failed = {name: a["detail"] for name, a in report["attacks"].items() if not a["contained"]}
         assert not failed, failed
-        assert len(report["attacks"]) == 17
+        assert len(report["attacks"]) == 24
+        scored = {name: scores for name, scores in report["hacks"].items() if scores != [0.0, 0.0]}
+        assert len(report["hacks"]) == len(hack_plans()) == 36 and not scored, scored
         assert (env["home"] / ".ssh" / "id_ed25519").read_text().count("GRLOFAKEKEY") == 1
         # nothing left running (a killed namespace init may wait as a zombie for the host's init to reap it)
         if uid:
