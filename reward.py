@@ -6,17 +6,17 @@ Training and evaluation both import this module, so they score a response the sa
    tokenizer's own chat template, take the logit at the last real token (an unbounded Bradley-Terry logit).
 2. Math (`math_reward`): HuggingFace `math-verify`, `verify(parse(gold), parse(pred))`, gold first. Runs in
    killable worker processes, because some inputs hang sympy in C code that no signal can interrupt.
-3. Code (`code_reward`): extract the last ```python block and run it against the tests in a throw-away
-   sandbox (`sandbox.run_python`): its own read-only filesystem, no network, its own PID namespace, no
-   privileges (a throw-away uid as root; a capability-less user namespace as a normal user), rlimits, a
-   hard deadline. `check_sandbox` stops a run at start-up when the sandbox cannot run its programs.
+3. Code (`code_reward`): extract the last ```python block; `code_plan` maps the row's tests to a plan, and
+   code_judge.py judges it: function-call tests in a judge process the program cannot reach, the program in
+   another sandbox (sandbox.py: its own read-only filesystem, no network, no privileges, rlimits, a cgroup,
+   a hard deadline), plain data between them; stdin/stdout tests compared here. `check_sandbox` stops a run at
+   start-up when the sandbox cannot run its programs.
 4. Routing (`compute_rewards`): per row by `reward_model.style` ("model" or "rule"), then by `ability`.
    This is our reading of the official release's "style_mix" reward manager, whose code is not public.
 
-Known limits of the sandbox: see sandbox.py. The in-process test harness trusts that a program does not
-walk the interpreter's frames to find the nonce.
+Known limits of the sandbox: see sandbox.py; of the judge: code_judge.py.
 
-    .venv/bin/pytest tests/test_reward.py -q    # unit + sandbox-attack tests
+    .venv/bin/pytest tests/test_reward.py tests/test_judge.py -q    # unit, sandbox-attack and reward-hack tests
     .venv/bin/python bench/bench_reward.py      # samples/s, serial vs parallel
 """
 

@@ -5,30 +5,31 @@ Model-written code is hostile. `run_python` runs one program in a fresh sandbox 
 
 What a sandboxed program gets (full isolation, the "root" and "user" modes below):
 - a filesystem of its own: a fresh root holding read-only binds of the system directories (/usr, /etc, ...)
-  and of the caller's Python install and venv, wherever they live; writable are only its own fresh working
-  directory (/sandbox, also its HOME) and an empty /tmp. The caller's HOME, the host's /tmp and every other
-  directory are not there at all;
+  and of the caller's Python install and venv, wherever they live; writable are only its working directory
+  (/sandbox, also its HOME), /tmp and /dev/shm, three tmpfs of TMPFS_MB that vanish with it. The caller's HOME,
+  the host's /tmp and disk and every other directory are not there at all;
 - no network (an empty network namespace), its own PID namespace (it cannot see or signal host processes);
-- no privileges: as root, a throw-away uid per run with no capabilities; as a normal user, a user namespace
-  whose only uid is the caller's, with every capability dropped, so it cannot remount anything;
-- rlimits (address space, CPU seconds, processes, file size, no core dump), capped output, and SIGKILL to
-  everything at the deadline.
+- no privileges: every capability dropped before the program starts, in a user namespace where nested user
+  namespaces are forbidden (so none can give them back); as root the namespace's root is a throw-away uid;
+- a fresh, empty session keyring (the caller's is out of reach); its user keyrings die with its namespace;
+- rlimits (address space, CPU seconds, processes, open files, file size, no core dump), set by prlimit; a
+  cgroup per run where one can be made (memory, including tmpfs/shm/memfd pages, and processes; see
+  `memory_bound`); capped output, and SIGKILL to everything at the deadline.
 
 Modes, chosen once by `sandbox_caps` (which runs a probe program through each):
-- "root": the caller is root: mount + network + PID namespaces, then `setpriv` to a throw-away uid;
+- "root": the caller is root: mount + network + PID namespaces, then a throw-away uid in a user namespace;
 - "user": an unprivileged caller (or root without CAP_SYS_ADMIN, as in many containers): the same namespaces
   inside a user namespace (`unshare --user`), every capability dropped before the program starts;
 - "uid": root, but no namespaces here: only the throw-away uid (it cannot touch the caller's files, but it
-  reaches the network and sees host processes; a venv it cannot traverse fails `self_check`);
+  reaches the network, sees host processes and may create user namespaces; a venv it cannot traverse fails
+  `self_check`);
 - "degraded": no namespaces and no throw-away uid (no `unshare`, or unprivileged user namespaces disabled):
   programs run with the caller's uid, files and network. `self_check` says so loudly, naming the risk, and
   refuses outright for root unless GRLO_ALLOW_UNSANDBOXED_CODE=1.
 
-Known limits: no cgroups (memory is bounded per process: MAX_PROCS * memory_mb per run, plus up to
-2 x TMP_SIZE of files in its /tmp and /dev/shm tmpfs); the system directories and the Python install are
-readable (as they are to any local user); in "user" mode a program can create nested namespaces (it gains
-nothing there: the host filesystem is not in its tree) and shares the caller's session keyring; in "uid"
-mode it may leave files in the host's world-writable /tmp and /dev/shm.
+Known limits: without a cgroup, memory outside the address-space limit is bounded only by the rlimits'
+product (`memory_bound` says how much); the system directories and the Python install are readable (as they
+are to any local user); in "uid" mode a program may leave files in the host's world-writable /tmp and /dev/shm.
 """
 
 import contextlib

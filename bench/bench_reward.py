@@ -7,12 +7,17 @@ math workers and sandboxes). Prints samples/s and the ratio.
 
     .venv/bin/python bench/bench_reward.py
     .venv/bin/python bench/bench_reward.py --num-math 200 --num-code 32   # quick
+    .venv/bin/python bench/bench_reward.py --against 003ef2b              # code programs/s, this tree vs a ref
 """
 
 import json
 import os
 import random
+import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -33,6 +38,11 @@ class Args:
     """threads for the parallel run; 0 = compute_rewards' default (min(32, cores))"""
     seed: int = 0
     """seed for the synthetic responses"""
+    against: str = ""
+    """a git ref: run this tree's and the ref's bench_reward.py (--num-code programs, 8 math) alternately,
+    `against_runs` times each, and print the code programs/s of both and their ratio; "" = this tree only"""
+    against_runs: int = 3
+    """runs of each side with --against"""
 
 
 def math_samples(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -86,7 +96,31 @@ def report(name: str, rewards: list[float], t_serial: float, t_parallel: float, 
     )
 
 
+def against(args: Args) -> None:
+    """Side by side in one run: this tree's bench against a worktree of `args.against`, alternating A B A B."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ref_dir = tempfile.mkdtemp(prefix="grlo_bench_ref_")
+    subprocess.run(["git", "worktree", "add", "--detach", "-f", ref_dir, args.against], cwd=root, check=True)
+    try:
+        rates = {"this tree": [], args.against: []}
+        for _ in range(args.against_runs):
+            for name, tree in (("this tree", root), (args.against, ref_dir)):
+                cmd = [sys.executable, "bench/bench_reward.py", "--num-math", "8", "--num-code", str(args.num_code)]
+                out = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=True).stdout
+                line = next(x for x in out.splitlines() if x.startswith("code"))
+                serial, parallel = (float(v) for v in re.findall(r"(?:serial|parallel)\s+([\d.]+)/s", line))
+                rates[name].append((serial, parallel))
+                print(f"{name:>12}: serial {serial:6.1f}/s  parallel {parallel:6.1f}/s", flush=True)
+        for i, mode in enumerate(("serial", "parallel")):
+            a, b = (statistics.median(r[i] for r in rates[n]) for n in rates)
+            print(f"{mode:>12}: this tree {a:6.1f}/s | {args.against} {b:6.1f}/s | cost per program x{b / a:.2f}")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", ref_dir], cwd=root)
+
+
 def main(args: Args):
+    if args.against:
+        return against(args)
     rng = random.Random(args.seed)
     workers = args.max_workers or None
     caps = sandbox.sandbox_caps()
