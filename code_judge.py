@@ -213,7 +213,15 @@ def _answer(reply: dict):
     if "raise" in reply:  # re-raised as the built-in exception it names, so tests that expect one still work
         name, text = reply["raise"] if type(reply["raise"]) is list and len(reply["raise"]) == 2 else ("?", "")
         cls = getattr(builtins, name, None) if type(name) is str else None
-        if isinstance(cls, type) and issubclass(cls, Exception) and type(text) is str:
+        # Never StopIteration: raised inside `all(map(candidate, xs))` it would end the iteration early, and
+        # an empty `all` is True.
+        control_flow = (StopIteration, StopAsyncIteration)
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, Exception)
+            and not issubclass(cls, control_flow)
+            and type(text) is str
+        ):
             try:
                 raise cls(text)
             except TypeError:  # a built-in exception with required arguments (UnicodeDecodeError, ...)

@@ -177,6 +177,16 @@ def test_no_false_negatives_from_the_encoding(solution, tests):
 
 
 @isolated
+def test_stop_iteration_cannot_end_a_tests_loop_early():
+    """`all(map(candidate, xs))` is True when the first call raises StopIteration and the judge re-raises it:
+    the map ends, and all([]) is True. The judge never re-raises it (seen scoring 1.0 before this rule)."""
+    tests = ["assert all(map(is_even, [2, 4, 6]))", "assert not any(map(is_even, [1, 3]))"]
+    cheat = "def is_even(x):\n    raise StopIteration"
+    assert reward.code_reward(fenced(cheat), {"test_list": tests[:1]}) == 0.0
+    assert reward.code_reward(fenced("def is_even(x):\n    return x % 2 == 0"), {"test_list": tests}) == 1.0
+
+
+@isolated
 def test_the_prompts_helpers_stay_the_judges_own():
     """HumanEval/32's test calls the prompt's `poly` on the answer. A program that redefines `poly` to return 0
     used to pass with any root; the judge runs the prompt itself, so `poly` is never the program's."""
