@@ -345,6 +345,13 @@ def has_signal(scores: torch.Tensor, num_generations: int) -> torch.Tensor:
     return grouped.max(dim=1).values > grouped.min(dim=1).values
 
 
+def every_rank(flag: bool, accelerator) -> bool:
+    """True when `flag` holds on every process: dynamic sampling stops only when every rank has enough groups.
+    A sum, because accelerate's reduce knows mean/sum/max only and silently sums any other op ("min" too)."""
+    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
+    return count.item() == accelerator.num_processes
+
+
 # Copied from train_grlo.compute_advantages
 def compute_advantages(rewards: torch.Tensor, num_generations: int, scale: str, batch_std=None, eps: float = 1e-6):
     """Eq. 1: A_i = r_i - mean(r_group), divided by the group std, the batch std, or nothing (Dr. GRPO).
@@ -600,8 +607,7 @@ def main(args: Args):
             for g in range(len(indices)):  # one entry per group: its G samples' fields
                 group = [f[g * G : (g + 1) * G] for f in fields]
                 (kept if signal[g] or not args.dynamic_sampling else dropped).append(group)
-            enough = torch.tensor(float(len(kept) >= B_local), device=device)
-            if not args.dynamic_sampling or accelerator.reduce(enough, "min") > 0:
+            if not args.dynamic_sampling or every_rank(len(kept) >= B_local, accelerator):
                 break
         # ALGO LOGIC: a short batch (round cap hit) is topped up with dropped groups: zero advantage, same shapes
         batch = (kept + dropped)[:B_local]

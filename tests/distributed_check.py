@@ -130,8 +130,20 @@ def fsdp_loading(rm_path: str):
     torch.distributed.destroy_process_group()
 
 
+def every_rank():
+    """train_rlvr.every_rank with the flag true on rank 0 only, and true on both: must be False, then True."""
+    import train_rlvr
+
+    acc = systems.make_accelerator(False, 1.0)
+    rank = acc.process_index
+    report({"rank": rank, "rank0_only": train_rlvr.every_rank(rank == 0, acc), "both": train_rlvr.every_rank(True, acc)})
+    acc.end_training()
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--fsdp-loading":
+    if sys.argv[1] == "--every-rank":
+        every_rank()
+    elif sys.argv[1] == "--fsdp-loading":
         fsdp_loading(sys.argv[2])
     else:
         main(sys.argv[1], sys.argv[2])

@@ -84,6 +84,9 @@ def test_gold_answers_score_100_and_wrong_answers_0(tmp_path):
         "effective": 164,
     }
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # two answer sets: a comparison
+    for tag, outcome in (("gold", "pass: "), ("wrong", "wrong_answer: 0/")):  # each code sample says why (#22)
+        samples = [json.loads(x) for x in open(out / f"{tmp_path.name}--{tag}" / "code_tasks.samples.jsonl")]
+        assert len(samples) == 10 and all(s["outcome"].startswith(outcome) for s in samples), samples[0]
     assert f"| {tmp_path.name}--gold | 100.0 | 100.0 | **100.0** |" in proc.stdout
 
 

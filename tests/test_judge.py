@@ -223,6 +223,14 @@ def test_outcomes_name_what_happened(monkeypatch):
     )
 
 
+def test_the_start_up_check_prints_the_memory_bound(monkeypatch, capsys):
+    monkeypatch.setattr(sandbox.self_check, "told", False, raising=False)
+    sandbox.self_check()
+    err = capsys.readouterr().err
+    assert f"code sandbox: {CAPS['mode']} mode; " in err and "MiB" in err
+    assert ("cgroup v" in err) == bool(CAPS["cgroup"]) and ("no cgroup (" in err) == (not CAPS["cgroup"])
+
+
 def test_a_failing_sandbox_scores_zero_with_a_reason_and_never_raises(monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("no space left for the sandbox")

@@ -91,6 +91,16 @@ def test_no_reward_model_is_loaded_for_rule_rows(tmp_path, tiny_models):
     assert (out / "checkpoint-1" / "model.safetensors").exists()
 
 
+def test_dynamic_sampling_stops_only_when_every_rank_has_enough():
+    """accelerate's reduce knows mean/sum/max only and maps "min" to a sum: sampling stopped as soon as ANY rank
+    had enough groups, and the others trained on zero-advantage padding (issue #25; seen failing)."""
+    proc = run_script([*LAUNCH_2, "tests/distributed_check.py", "--every-rank"], timeout=300)
+    reports = {r["rank"]: r for r in (json.loads(x[6:]) for x in proc.stdout.splitlines() if x.startswith("CHECK "))}
+    assert set(reports) == {0, 1}
+    assert [reports[r]["rank0_only"] for r in (0, 1)] == [False, False], reports
+    assert [reports[r]["both"] for r in (0, 1)] == [True, True], reports
+
+
 def test_two_process_launch(tmp_path, tiny_models):
     out = tmp_path / "run"
     proc = run_script([*LAUNCH_2, "train_rlvr.py", *SMOKE, "--max-steps", "2",
