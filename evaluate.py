@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reward
 import systems
@@ -277,25 +277,15 @@ def sampling_for(spec: dict, args: Args) -> dict:
 @torch.no_grad()
 def generate_hf(model, prompt_ids: list, sampling: dict, max_new_tokens: int, eos_ids: list, pad_id: int, seed: int,
                 batch_size: int, show_progress: bool):  # fmt: skip
-    """HF fallback with train_grlo.generate_hf's semantics (left padding, stop on every EOS id, top-k off),
-    plus greedy decoding and batches. HF cannot seed each request, so each batch is seeded."""
-    greedy = sampling["temperature"] == 0
-    extra = {} if greedy else dict(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=0)
-    cfg = GenerationConfig(
-        do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, **extra
-    )
-    dev = next(model.parameters()).device
+    """The HF fallback, `systems.generate_hf` (the trainer's: left padding, stop on every EOS id, top-k off,
+    temperature 0 greedy) over batches of `batch_size`. HF cannot seed each request, so each batch is seeded."""
     completions, truncated = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generate (HF)", disable=not show_progress):
-        torch.manual_seed(seed + start)
-        batch = prompt_ids[start : start + batch_size]
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=dev)  # (b, P) left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=dev)  # (b, P)
-        for row in model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, width:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
-            completions.append(row[: stop + 1] if stop is not None else row)
-            truncated.append(stop is None and len(row) >= max_new_tokens)
+        out, _, cut = systems.generate_hf(model, prompt_ids[start : start + batch_size], seed + start, eos_ids, pad_id,
+                                          temperature=sampling["temperature"], top_p=sampling["top_p"],
+                                          max_new_tokens=max_new_tokens)  # fmt: skip
+        completions += out
+        truncated += cut
     return completions, truncated
 
 

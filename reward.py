@@ -115,7 +115,7 @@ def load_rows(dataset: str, split: str = "train", to_row=to_row) -> list:
     return [to_row(obj, where) for where, obj in read_records(dataset, split)]
 
 
-# ---- 1. reward model (Skywork-Reward-V2 convention, CONTEXT.md) ----
+# ---- 1. reward model (the Skywork-Reward-V2 convention, as TRL and verl score it) ----
 def pad_right(seqs: list, pad_id: int) -> tuple:
     """(input_ids, attention_mask), both (B, T) for B token-id lists: right padding, mask 1 on real tokens."""
     input_ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)

@@ -692,6 +692,7 @@ def start_run(args, check_args) -> tuple:
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and not cpu)
     accelerator = make_accelerator(use_bf16, args.max_grad_norm)
     check_args(args, accelerator.num_processes)
+    check_fresh_output_dir(args.output_dir, args.resume)
     set_seed(args.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     writer = None
@@ -705,6 +706,20 @@ def start_run(args, check_args) -> tuple:
         writer = SummaryWriter(args.output_dir)
         writer.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     return accelerator, log, writer
+
+
+RUN_FILES = ("rollouts.jsonl", "events.out.tfevents.*", "checkpoint-*", ".tmp-checkpoint-*", "final")
+
+
+def check_fresh_output_dir(output_dir: str, resume: bool) -> None:
+    """A run owns its output directory: a new run (no --resume) refuses a folder that already holds another run's
+    files, instead of appending to its rollouts.jsonl and TensorBoard logs and overwriting its checkpoints."""
+    found = sorted({os.path.basename(p) for pattern in RUN_FILES for p in glob.glob(os.path.join(output_dir, pattern))})
+    if found and not resume:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise SystemExit(f"--output-dir {output_dir} already holds a run ({shown}). Pass --resume to continue that "
+                         "run, or a new --output-dir for a new one: a run never appends to or overwrites another "
+                         "run's files.")  # fmt: skip
 
 
 def pad_values(values: list, indices: list, width: int, device) -> torch.Tensor:

@@ -42,11 +42,11 @@ class Args:
     preset: Literal["dapo", "cpu-smoke", "cpu-arith"] = "dapo"
     """named config whose values become the defaults; give it first, later flags override it"""
     exp_name: str = "rlvr"
-    """run name for TensorBoard and wandb"""
+    """run name in wandb (with --track); TensorBoard shows runs by their --output-dir"""
     seed: int = 1
     """seed for data order, sampling and init"""
     output_dir: str = "runs/rlvr"
-    """checkpoints, TensorBoard events and rollouts.jsonl go here"""
+    """checkpoints, TensorBoard events and rollouts.jsonl go here; a new run refuses a folder holding another run's"""
 
     # model
     model: str = "Qwen/Qwen3-4B-Base"

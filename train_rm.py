@@ -39,11 +39,11 @@ class Args:
     preset: Literal["skywork", "cpu-smoke", "cpu-arith"] = "skywork"
     """named config whose values become the defaults; give it first, later flags override it"""
     exp_name: str = "rm"
-    """run name for TensorBoard and wandb"""
+    """run name in wandb (with --track); TensorBoard shows runs by their --output-dir"""
     seed: int = 1
     """seed for data order and the new score head"""
     output_dir: str = "runs/rm"
-    """checkpoints, TensorBoard events and eval results go here"""
+    """checkpoints, TensorBoard events and eval results go here; a new run refuses a folder holding another run's"""
 
     # model
     model: str = "Qwen/Qwen3-0.6B"

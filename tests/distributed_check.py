@@ -136,7 +136,9 @@ def every_rank():
 
     acc = systems.make_accelerator(False, 1.0)
     rank = acc.process_index
-    report({"rank": rank, "rank0_only": train_rlvr.every_rank(rank == 0, acc), "both": train_rlvr.every_rank(True, acc)})
+    report(
+        {"rank": rank, "rank0_only": train_rlvr.every_rank(rank == 0, acc), "both": train_rlvr.every_rank(True, acc)}
+    )
     acc.end_training()
 
 

@@ -607,6 +607,20 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_models):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_new_run_refuses_another_runs_folder(tmp_path, tiny_models):
+    """Before #25 a second run into the same --output-dir appended to the first one's rollouts.jsonl and
+    TensorBoard logs and overwrote its checkpoints (seen: 2 x 16 rollout rows). Now it stops before loading
+    anything, naming --resume; --resume continues the run."""
+    out = tmp_path / "run"
+    run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "1", "--output-dir", str(out)])
+    rows = (out / "rollouts.jsonl").read_text()
+    proc = run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "1", "--output-dir", str(out)], check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr and "--resume" in proc.stderr
+    assert (out / "rollouts.jsonl").read_text() == rows
+    run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "2", "--output-dir", str(out), "--resume"])
+    assert {r["step"] for r in _rollouts(str(out))} == {0, 1}
+
+
 def test_help_documents_every_flag():
     out = run_script([PY, "train_grlo.py", "--help"]).stdout
     import dataclasses
