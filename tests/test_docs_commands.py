@@ -36,7 +36,15 @@ def commands(path: str) -> list[str]:
                 out += [c.strip() for c in line.split("&&") if c.strip()]
         else:
             out += re.findall(r"`((?:python|accelerate launch) [^`]+)`", part)
-    return [c for c in out if re.match(r"(python|accelerate launch) ", c)]
+    expanded = []
+    for c in out:  # `bash quickstart.sh` is the Python commands it runs
+        if c.startswith("bash quickstart.sh"):
+            lines = [x.strip() for x in open(os.path.join(ROOT, "quickstart.sh"))]
+            expanded += [x.replace(".venv/bin/python ", "python ", 1) for x in lines
+                         if re.match(r"\.venv/bin/python \w+\.py", x)]  # fmt: skip
+        else:
+            expanded.append(c)
+    return [c for c in expanded if re.match(r"(python|accelerate launch) ", c)]
 
 
 def script_and_argv(command: str) -> tuple[str, list]:
