@@ -691,10 +691,12 @@ def start_run(args, check_args) -> tuple:
         keep_freed_memory()  # before the big allocations
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and not cpu)
     accelerator = make_accelerator(use_bf16, args.max_grad_norm)
-    check_args(args, accelerator.num_processes)
+    notes = check_args(args, accelerator.num_processes) or []
     check_fresh_output_dir(args.output_dir, args.resume)
     set_seed(args.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    for note in notes:
+        log(f"note: {note}")
     writer = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -822,6 +824,9 @@ def train_metrics(sums: dict, grad_norms: list, scheduler, accelerator, tis: boo
         "losses/grad_norm": sum(grad_norms) / len(grad_norms),
         "policy/clipfrac": float(sums["clipfrac"] / tok),
         "policy/ratio_mean": float(sums["ratio"] / tok),
+        # KL(pi_old || pi) estimated from the ratios (CleanRL's): k3 = (r - 1) - log r, and the plain -log r
+        "policy/approx_kl": float(sums["approx_kl"] / tok),
+        "policy/old_approx_kl": float(sums["old_approx_kl"] / tok),
     }
     if tis:
         metrics["policy/tis_weight_mean"] = float(sums["tis_weight"] / tok)

@@ -223,10 +223,19 @@ PRESETS = {
 }
 
 
-def check_args(args: Args, world: int) -> None:
-    """Refuse impossible configurations in seconds, before any weights load, naming the flags to change."""
+def check_args(args: Args, world: int) -> list:
+    """Refuse impossible configurations in seconds, before any weights load, naming the flags to change. Returns
+    notes on settings that are valid but cannot act, which rank 0 prints at start-up."""
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by {world} processes")
+    for flag in ("kl_coef", "entropy_coef", "tis_cap", "overlong_penalty", "clip_eps_low", "clip_eps_high"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative")
+    if args.kl_coef == 0 and args.kl_estimator != "k3":
+        raise ValueError(f"--kl-estimator {args.kl_estimator} does nothing without --kl-coef > 0 (eq. 4)")
+    if args.overlong == "penalty" and not 0 < args.overlong_buffer < args.max_new_tokens:
+        raise ValueError(f"--overlong-buffer {args.overlong_buffer} must lie in (0, --max-new-tokens "
+                         f"{args.max_new_tokens}): the penalty ramps over the last buffer tokens (eq. 7)")  # fmt: skip
     systems.check_model_path("--model", args.model)
     flags = f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}"
     systems.check_context_length(args.model, args.max_prompt_length + args.max_new_tokens, flags)
@@ -236,6 +245,14 @@ def check_args(args: Args, world: int) -> None:
             f"--share-prompt puts a prompt and its {args.num_generations} completions in one row of up to {row} "
             f"tokens, over --token-budget {args.token_budget}; drop --share-prompt or raise the budget"
         )
+    notes = []
+    if args.num_minibatches * args.ppo_epochs == 1:
+        notes.append("one update per rollout batch (--num-minibatches 1, --ppo-epochs 1): the update is on-policy, "
+                     "the ratio pi/pi_old is exactly 1, so the clip (eq. 2, --clip-eps-low/high) never acts and "
+                     "policy/clipfrac stays 0")  # fmt: skip
+    if args.tis_cap > 0 and not args.use_vllm:
+        notes.append("--tis-cap acts on vLLM samples only: with --no-use-vllm the trainer samples, the TIS weight is 1")
+    return notes
 
 
 # ---- 1. data ----
@@ -352,7 +369,9 @@ def policy_loss(logprobs, old_logprobs, advantages, args: Args, sampler_logprobs
     ratio = torch.exp(logprobs - old_logprobs)  # (b, C)
     clipped = torch.clamp(ratio, 1 - args.clip_eps_low, 1 + args.clip_eps_high)
     per_token = torch.maximum(-A * ratio, -A * clipped)
-    stats = {"clipfrac": ((ratio - clipped).abs() > 0).float(), "ratio": ratio.detach()}
+    log_ratio = (logprobs - old_logprobs).detach()
+    stats = {"clipfrac": ((ratio - clipped).abs() > 0).float(), "ratio": ratio.detach(),
+             "approx_kl": torch.exp(log_ratio) - 1 - log_ratio, "old_approx_kl": -log_ratio}  # fmt: skip
     if sampler_logprobs is not None and args.tis_cap > 0:
         tis = torch.exp(old_logprobs - sampler_logprobs).clamp(max=args.tis_cap).detach()
         per_token = per_token * tis
@@ -395,7 +414,7 @@ def old_and_ref_logprobs(model, ref_model, accelerator, args: Args, prompt_ids, 
 
 
 def train_on_batch(
-    model, ref_model, optimizer, scheduler, accelerator, args: Args, samples, advantages, loss_mask_seq, pad_id
+    model, ref_model, optimizer, scheduler, accelerator, args: Args, samples, advantages, loss_mask_seq, pad_id, step
 ):
     """Eq. 2-6 over one rollout batch: `num_minibatches` optimizer steps, `ppo_epochs` times.
 
@@ -408,19 +427,22 @@ def train_on_batch(
     model.train()
     group = args.num_generations if args.share_prompt else 1  # --share-prompt: one prompt forward per group
     mb_size = math.ceil(n / args.num_minibatches)
-    minibatches = [list(range(k, min(k + mb_size, n))) for k in range(0, n, mb_size)]
     old_lp = ref_lp = None  # with a single update pi_old is the current policy, detached: no no-grad pass
     if args.num_minibatches * args.ppo_epochs > 1 or ref_model is not None:
         old_lp, ref_lp = old_and_ref_logprobs(model, ref_model, accelerator, args, prompt_ids, completion_ids, pad_id)
-    keys = ("loss", "clipfrac", "ratio", "tis_weight", "kl", "entropy", "tokens")
+    keys = ("loss", "clipfrac", "ratio", "approx_kl", "old_approx_kl", "tis_weight", "kl", "entropy", "tokens")
     sums, grad_norms = {k: torch.zeros((), device=device) for k in keys}, []
-    n_updates = args.ppo_epochs * len(minibatches)
-    bar = tqdm(total=n_updates, desc="update", leave=False, disable=not accelerator.is_main_process)
-    for _ in range(args.ppo_epochs):
+    bar = tqdm(total=args.ppo_epochs * math.ceil(n / mb_size), desc="update", leave=False,
+               disable=not accelerator.is_main_process)  # fmt: skip
+    for epoch in range(args.ppo_epochs):
+        # new mini-batches each epoch, drawn from (seed, step, epoch) only: the same after a resume
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009 + epoch))
+        minibatches = [sorted(order[k : k + mb_size].tolist()) for k in range(0, n, mb_size)]
         for mb in minibatches:
-            # global sequence and token counts of this mini-batch (summed over ranks) for the eq. 6 weights
-            counts = torch.tensor([len(mb), sum(len(completion_ids[i]) for i in mb)], device=device).float()
-            num_seqs, num_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
+            # global counts (summed over ranks) of the samples IN the loss, for the eq. 6 weights: a sample masked
+            # by --overlong mask drops out of the denominators too, as if it had not been sampled
+            counts = torch.stack([loss_mask_seq[mb].sum(), sum(len(completion_ids[i]) * loss_mask_seq[i] for i in mb)])
+            num_seqs, num_tokens = accelerator.reduce(counts.float(), "sum").clamp(min=1).tolist()
             micro = systems.make_microbatches(prompt_ids, completion_ids, args.token_budget, group, indices=mb)
             micro = systems.lockstep(micro, accelerator)  # every rank runs as many forwards and backwards
             for k, m in enumerate(micro):
@@ -440,13 +462,12 @@ def train_on_batch(
                     # DDP averages gradients over ranks; the weights already divide by GLOBAL counts, so undo it
                     loss = (per_token * weights).sum() * world
                     accelerator.backward(loss)
-                with torch.no_grad():
-                    cm = b["completion_mask"]
+                with torch.no_grad():  # statistics over the tokens in the loss
                     sums["loss"] += loss.detach() / world
-                    sums["tokens"] += cm.sum()
-                    sums["entropy"] += (entropy.detach() * cm).sum()
+                    sums["tokens"] += mask.sum()
+                    sums["entropy"] += (entropy.detach() * mask).sum()
                     for key in stats:
-                        sums[key] += (stats[key] * cm).sum()
+                        sums[key] += (stats[key] * mask).sum()
             grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
             if not torch.isfinite(grad_norm):  # nothing of this step is saved; say where to restart from
                 last = (systems.list_checkpoints(args.output_dir) or ["(none)"])[-1]
@@ -575,7 +596,7 @@ def main(args: Args):
         t0 = time.time()
         samples = (prompt_ids, completion_ids, sampler_logprobs)
         sums, grad_norms = train_on_batch(
-            model, ref_model, optimizer, scheduler, accelerator, args, samples, advantages, loss_mask_seq, pad_id
+            model, ref_model, optimizer, scheduler, accelerator, args, samples, advantages, loss_mask_seq, pad_id, step
         )
         t_train = time.time() - t0
 

@@ -217,6 +217,72 @@ def test_loss_aggregation_modes_follow_their_equations():
     assert math.isclose((per_token * tg.token_weights(mask, "seq-mean-token-mean", 2, 4, 8)).sum(), 1 / 2)
 
 
+def one_update(policy_path: str, samples, advantages, loss_mask_seq, **kw):
+    """Parameter change of one train_on_batch call on a fresh copy of the policy, SGD with lr 1 (= -gradient)."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    a = args_for(**{"max_grad_norm": 1e9, "token_budget": 4096, "num_minibatches": 1, "ppo_epochs": 1, **kw})
+    tg.train_on_batch(model, None, optimizer, scheduler, Accelerator(cpu=True), a, samples, advantages,
+                      loss_mask_seq, 0, step=3)  # fmt: skip
+    return {k: v.detach() - before[k] for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "constant"])
+def test_a_masked_sample_is_dropped_from_the_loss_as_if_never_sampled(tiny_models, loss_agg):
+    """--overlong mask: the update with sample 1 masked equals the update on samples 0 and 2 alone. Before #25 the
+    masked sample still counted in the eq. 6 denominators: the token-mean update came out 7/10 as large."""
+    prompts, completions = [[5, 6, 7], [8, 9], [10, 11, 12]], [[20, 21], [22, 23, 24], [25, 26, 27, 28, 29]]
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    masked = one_update(tiny_models["policy"], (prompts, completions, None), adv, torch.tensor([1.0, 0.0, 1.0]),
+                        loss_agg=loss_agg)  # fmt: skip
+    keep = [0, 2]
+    alone = one_update(tiny_models["policy"], ([prompts[i] for i in keep], [completions[i] for i in keep], None),
+                       adv[keep], torch.ones(2), loss_agg=loss_agg)  # fmt: skip
+    for k in masked:  # equal up to float summation order (the padded micro-batches differ); before: 30% off
+        torch.testing.assert_close(masked[k], alone[k], rtol=1e-4, atol=1e-6)
+    assert max(float(v.abs().max()) for v in masked.values()) > 0
+
+
+def test_minibatches_are_redrawn_each_epoch_from_the_seed_and_step_only(tiny_models, monkeypatch):
+    """Two epochs of 2 mini-batches: each epoch covers every sample once, the epochs differ, and the same
+    (seed, step) draws the same mini-batches again (an exact resume)."""
+    seen = []
+    real = systems.make_microbatches
+
+    def spy(*a, indices=None, **k):  # the update's calls name their mini-batch; pi_old's pass (None) covers all
+        if indices is not None:
+            seen.append(list(indices))
+        return real(*a, indices=indices, **k)
+
+    monkeypatch.setattr(systems, "make_microbatches", spy)
+    prompts, completions = [[5, 6, 7]] * 8, [[20 + i, 21] for i in range(8)]
+    kw = dict(num_minibatches=2, ppo_epochs=2)
+    one_update(tiny_models["policy"], (prompts, completions, None), torch.linspace(-1, 1, 8), torch.ones(8), **kw)
+    first, seen[:] = [mb for mb in seen if len(mb) == 4], []
+    one_update(tiny_models["policy"], (prompts, completions, None), torch.linspace(-1, 1, 8), torch.ones(8), **kw)
+    assert [mb for mb in seen if len(mb) == 4] == first and len(first) == 4
+    epochs = [sorted(first[0] + first[1]), sorted(first[2] + first[3])]
+    assert epochs == [list(range(8))] * 2 and first[:2] != first[2:]
+
+
+def test_check_args_refuses_what_cannot_work_and_notes_what_cannot_act(tiny_models):
+    ok = dict(model=tiny_models["policy"], max_prompt_length=64, max_new_tokens=32, prompts_per_step=2)
+    for bad, match in ((dict(kl_coef=-0.1), "--kl_coef|--kl-coef"), (dict(kl_estimator="k1"), "--kl-coef > 0"),
+                       (dict(overlong="penalty", overlong_buffer=32), "--overlong-buffer 32"),
+                       (dict(entropy_coef=-1.0), "negative")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            tg.check_args(args_for(**ok, **bad), 1)
+    notes = tg.check_args(args_for(**ok, num_minibatches=1, ppo_epochs=1, use_vllm=False), 1)
+    assert any("clip (eq. 2" in n and "never acts" in n for n in notes) and any("--tis-cap" in n for n in notes)
+    assert tg.check_args(args_for(**ok, num_minibatches=2), 1) == []
+
+
 # ---- batching and log-probs ----
 def test_collate_masks_exclude_prompt_and_pad_tokens():
     prompts, comps = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9, 2]]
