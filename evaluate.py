@@ -45,9 +45,9 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import bookkeeping
+import generation
 import reward
-import systems
-import train_grlo as tg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CODE_INSTRUCTION = (
@@ -263,6 +263,19 @@ def load_benchmark(name: str, limit: int) -> tuple[str, dict, list, dict]:
     return name, spec, rows, info
 
 
+# Copied from train_grlo.tokenize_prompts
+def tokenize_prompts(rows: list, tokenizer, max_prompt_length: int):
+    """Render with the POLICY's chat template (as verl does), drop overlong prompts; returns (rows, ids, n_dropped)."""
+    kept_rows, kept_ids = [], []
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already has any BOS
+        if len(ids) <= max_prompt_length:
+            kept_rows.append(row)
+            kept_ids.append(ids)
+    return kept_rows, kept_ids, len(rows) - len(kept_rows)
+
+
 def sampling_for(spec: dict, args: Args) -> dict:
     """The benchmark's default sampling with the command-line overrides; greedy means one answer."""
     s = dict(spec.get("sampling", GREEDY))
@@ -274,14 +287,21 @@ def sampling_for(spec: dict, args: Args) -> dict:
 
 
 # ---- 2. rollout ----
+# Copied from train_grlo.request_seed
+def request_seed(seed: int, step: int, prompt_index: int, sample: int) -> int:
+    """Per-completion sampling seed from (seed, step, prompt, sample): reproducible on any rank count."""
+    digest = hashlib.sha256(f"{seed}/{step}/{prompt_index}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 @torch.no_grad()
 def generate_hf(model, prompt_ids: list, sampling: dict, max_new_tokens: int, eos_ids: list, pad_id: int, seed: int,
                 batch_size: int, show_progress: bool):  # fmt: skip
-    """The HF fallback, `systems.generate_hf` (the trainer's: left padding, stop on every EOS id, top-k off,
+    """The HF fallback, `generation.generate_hf` (the trainer's: left padding, stop on every EOS id, top-k off,
     temperature 0 greedy) over batches of `batch_size`. HF cannot seed each request, so each batch is seeded."""
     completions, truncated = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generate (HF)", disable=not show_progress):
-        out, _, cut = systems.generate_hf(model, prompt_ids[start : start + batch_size], seed + start, eos_ids, pad_id,
+        out, _, cut = generation.generate_hf(model, prompt_ids[start : start + batch_size], seed + start, eos_ids, pad_id,
                                           temperature=sampling["temperature"], top_p=sampling["top_p"],
                                           max_new_tokens=max_new_tokens)  # fmt: skip
         completions += out
@@ -300,15 +320,15 @@ def generate(
     ids = [prompt_ids[i] for i, _ in mine]
     if args.use_vllm:
         params = dict(temperature=sampling["temperature"], top_p=sampling["top_p"], max_new_tokens=args.max_new_tokens)
-        seeds = [tg.request_seed(args.seed, bench_seed, i, s) for i, s in mine]
+        seeds = [request_seed(args.seed, bench_seed, i, s) for i, s in mine]
         out, truncated = [], []
         if ids:
-            out, _, truncated = systems.generate_vllm(
+            out, _, truncated = generation.generate_vllm(
                 engine, ids, seeds, eos_ids, show_progress=accelerator.is_main_process, **params
             )
     else:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        seed = tg.request_seed(args.seed, bench_seed, accelerator.process_index, 0)
+        seed = request_seed(args.seed, bench_seed, accelerator.process_index, 0)
         out, truncated = generate_hf(
             engine,
             ids,
@@ -677,7 +697,7 @@ def main(args: Args):
             if kind == "responses":
                 c["responses"] = os.path.abspath(source)
             else:  # rendered exactly as training renders prompts; nothing is dropped for length
-                _, prompt_ids[name], _ = tg.tokenize_prompts(rows_of[name], tokenizer, max_prompt_length=sys.maxsize)
+                _, prompt_ids[name], _ = tokenize_prompts(rows_of[name], tokenizer, max_prompt_length=sys.maxsize)
                 c.update(model=source, sampling=sampling_of[name], max_new_tokens=args.max_new_tokens, seed=args.seed,
                          engine="vllm" if args.use_vllm else "hf", dtype=str(dtype).removeprefix("torch."),
                          chat_template_sha256=hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
@@ -698,13 +718,13 @@ def main(args: Args):
         need = [n for n, answers in todo.items() if answers is None]
         engine, eos_ids = None, None
         if need:
-            eos_ids = systems.eos_token_ids(tokenizer, source)
+            eos_ids = generation.eos_token_ids(tokenizer, source)
             longest = max(len(p) for n in need for p in prompt_ids[n])
-            systems.check_context_length(source, longest + args.max_new_tokens,
+            bookkeeping.check_context_length(source, longest + args.max_new_tokens,
                                          f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens}")  # fmt: skip
             if args.use_vllm:
                 seed, max_len = args.seed + accelerator.process_index, longest + args.max_new_tokens
-                engine = systems.build_vllm(
+                engine = generation.build_vllm(
                     source, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization, gpu
                 )
             else:
@@ -803,4 +823,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(systems.cli(Args, PRESETS, __doc__))
+    main(bookkeeping.cli(Args, PRESETS, __doc__))

@@ -40,9 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import batching
 import code_judge
 import sandbox
-import systems
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class RewardModel:
         if not hasattr(self.model, "score"):
             raise ValueError(f"{type(self.model).__name__}: expected a `score` head (Llama/Qwen/Mistral/Gemma RMs)")
         if share_prefix:
-            systems.use_shared_prefix_attention(self.model, name_or_path)
+            batching.use_shared_prefix_attention(self.model, name_or_path)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.share_prefix = share_prefix
         # Pads sit after the last real token (right padding) and are masked, so their id never matters.
@@ -239,10 +239,10 @@ class RewardModel:
     def _score_shared(self, backbone, prompts: list, encoded: list) -> list[float]:
         """score() with share_prefix: consecutive samples with the same prompt (a GRPO group) go in one row,
         their common token prefix once, then each sample's remaining tokens in a slot of its own (the layout
-        of systems.collate). As there, the positions of every suffix continue from the prefix's end and the
+        of batching.collate). As there, the positions of every suffix continue from the prefix's end and the
         mask lets a token see the prefix and the earlier tokens of its own suffix only, so each sample is pooled
         (at its last token) from exactly the hidden state its own row would give, for one forward of the shared
-        prompt per group; systems.shared_prefix_attention skips the masked blocks."""
+        prompt per group; batching.shared_prefix_attention skips the masked blocks."""
         groups = []  # lists of sample indices sharing a prompt
         for i in range(len(encoded)):
             if groups and prompts[i] == prompts[groups[-1][0]]:
@@ -264,7 +264,7 @@ class RewardModel:
             while end < len(rows) and n + len(rows[end][1]) <= self.batch_size:
                 n, end = n + len(rows[end][1]), end + 1
             batch, start = rows[start:end], end
-            # the layout of systems.collate: prefix left-padded to P columns, then S slots of C columns
+            # the layout of batching.collate: prefix left-padded to P columns, then S slots of C columns
             P, S = max(len(r[0]) for r in batch), max(len(r[1]) for r in batch)
             C = max(len(s) for r in batch for _, s in r[1])
             input_ids = torch.full((len(batch), P + S * C), self.pad_id, dtype=torch.long)
@@ -283,7 +283,7 @@ class RewardModel:
                     input_ids[b, c : c + len(suffix)], seg[b, c : c + len(suffix)] = torch.tensor(suffix), k + 1
                     pos[b, c : c + len(suffix)] = torch.arange(n, n + len(suffix))
                     where.append((b, c + len(suffix) - 1, i))
-            mask, pos = systems.shared_prefix_mask(seg).to(self.device), pos.to(self.device)
+            mask, pos = batching.shared_prefix_mask(seg).to(self.device), pos.to(self.device)
             out = backbone(
                 input_ids=input_ids.to(self.device), attention_mask=mask, position_ids=pos, shared_prefix_slots=(S, C)
             )
@@ -304,7 +304,11 @@ def _math_worker_main() -> None:
     Not sandboxed: math-verify evaluates model text only through ANTLR (LaTeX) or sympy's parse_expr on
     strings its regex limits to digits, operators and brackets.
     """
-    import json, logging, os, resource, sys  # noqa: E401
+    import json  # noqa: E401
+    import logging
+    import os
+    import resource
+    import sys
 
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a sympy blow-up: MemoryError, not host OOM
     logging.disable(logging.WARNING)  # "timeout is disabled" warnings: we bound calls ourselves

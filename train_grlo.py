@@ -12,7 +12,8 @@ One step, numbered as the banners in `main` and docs/train_grlo.md (equation num
 Departure from the official release (verl PPO + GAE with a critic): GRPO (no critic, G samples per prompt, a
 group baseline), with `prompts_per_step * num_generations` = 128 x 8 = the release's 1024-sample batch. The rest
 follows the release: lr 1e-6, no KL, clip 0.2, temperature 1.0, token-mean loss, prompt 1024 / response 3072
-tokens, 4 PPO mini-batches. Speed, memory and backend plumbing live in systems.py, each with what it equals.
+tokens, 4 PPO mini-batches. Speed and memory tricks live in batching.py (each with what it equals), backends
+in distributed.py, vLLM in generation.py, the run's folder, checkpoints and logs in bookkeeping.py.
 
     python local_models.py --which tiny && python train_grlo.py --preset cpu-smoke        # CPU, minutes
     accelerate launch --multi_gpu --num_processes 2 train_grlo.py --preset cpu-smoke       # 2 CPU ranks
@@ -33,8 +34,11 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
+import batching
+import bookkeeping
+import distributed
+import generation
 import reward
-import systems
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -139,7 +143,7 @@ class Args:
     resume: bool = False
     """continue from the newest checkpoint in output_dir"""
 
-    # system and logging: speed, memory and backends (systems.py); none of these changes the algorithm
+    # system and logging: speed, memory and backends (batching/distributed/generation.py); none changes the algorithm
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype: bf16 autocast (fp32 master weights) or fp32; auto = bf16 on GPU, fp32 on CPU"""
     gradient_checkpointing: bool = True
@@ -236,9 +240,9 @@ def check_args(args: Args, world: int) -> list:
     if args.overlong == "penalty" and not 0 < args.overlong_buffer < args.max_new_tokens:
         raise ValueError(f"--overlong-buffer {args.overlong_buffer} must lie in (0, --max-new-tokens "
                          f"{args.max_new_tokens}): the penalty ramps over the last buffer tokens (eq. 7)")  # fmt: skip
-    systems.check_model_path("--model", args.model)
+    bookkeeping.check_model_path("--model", args.model)
     flags = f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}"
-    systems.check_context_length(args.model, args.max_prompt_length + args.max_new_tokens, flags)
+    bookkeeping.check_context_length(args.model, args.max_prompt_length + args.max_new_tokens, flags)
     row = args.max_prompt_length + args.num_generations * args.max_new_tokens
     if args.share_prompt and row > args.token_budget:
         raise ValueError(
@@ -285,7 +289,7 @@ def build_policy(args: Args, accelerator: Accelerator, max_steps: int):
     """Policy (fp32 master weights), AdamW and the LR schedule, prepared by Accelerate for the launched backend."""
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if args.share_prompt:  # attention that skips the blocks the shared-prompt mask hides
-        systems.use_shared_prefix_attention(model, args.model)
+        batching.use_shared_prefix_attention(model, args.model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -296,7 +300,7 @@ def build_policy(args: Args, accelerator: Accelerator, max_steps: int):
     schedule = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
     scheduler = get_scheduler(schedule, optimizer, args.warmup_steps * updates_per_step, max_steps * updates_per_step)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    systems.drop_fp32_output_cast(model, accelerator)  # TokenLogProbs upcasts the logits chunk by chunk
+    distributed.drop_fp32_output_cast(model, accelerator)  # TokenLogProbs upcasts the logits chunk by chunk
     return model, optimizer, scheduler
 
 
@@ -314,15 +318,15 @@ def rollout(llm, model, accelerator, args: Args, prompt_ids_all: list, indices: 
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     if llm is not None:  # one seed per completion: the same samples on any number of processes
         seeds = [request_seed(args.seed, step, i, j) for i in indices for j in range(G)]
-        out = systems.generate_vllm(
+        out = generation.generate_vllm(
             llm, prompt_ids, seeds, eos_ids, show_progress=accelerator.is_main_process, **sampling
         )
     else:  # HF generate: one seed per step and rank; under ZeRO-3/FSDP every rank decodes until all are done
         seed = request_seed(args.seed, step, accelerator.process_index, 0)
-        synced = systems.forwards_are_collective(accelerator)
+        synced = distributed.forwards_are_collective(accelerator)
         with accelerator.autocast():  # bf16 on GPU, as the update computes
             policy = accelerator.unwrap_model(model)
-            out = systems.generate_hf(policy, prompt_ids, seed, eos_ids, pad_id, synced_gpus=synced, **sampling)
+            out = generation.generate_hf(policy, prompt_ids, seed, eos_ids, pad_id, synced_gpus=synced, **sampling)
     return (prompt_ids, *out)
 
 
@@ -402,12 +406,12 @@ def old_and_ref_logprobs(model, ref_model, accelerator, args: Args, prompt_ids, 
     """pi_old (and pi_ref) log-probs of every completion token, one list entry per sample, before any update."""
     old_lp, ref_lp = [None] * len(completion_ids), [None] * len(completion_ids)
     group = args.num_generations if args.share_prompt else 1
-    micro = systems.make_microbatches(prompt_ids, completion_ids, args.token_budget, group)
-    for mb in systems.lockstep(micro, accelerator):  # every rank runs as many forwards (ZeRO-3/FSDP gather)
-        b = systems.collate(mb, prompt_ids, completion_ids, pad_id, accelerator.device, group)
+    micro = batching.make_microbatches(prompt_ids, completion_ids, args.token_budget, group)
+    for mb in distributed.lockstep(micro, accelerator):  # every rank runs as many forwards (ZeRO-3/FSDP gather)
+        b = batching.collate(mb, prompt_ids, completion_ids, pad_id, accelerator.device, group)
         with accelerator.autocast():
-            lp = systems.completion_logprobs(model, b, args.temperature)[0]
-            ref = systems.completion_logprobs(ref_model, b, args.temperature)[0] if ref_model is not None else lp
+            lp = batching.completion_logprobs(model, b, args.temperature)[0]
+            ref = batching.completion_logprobs(ref_model, b, args.temperature)[0] if ref_model is not None else lp
         for row, i in enumerate(mb):
             old_lp[i], ref_lp[i] = lp[row, : len(completion_ids[i])], ref[row, : len(completion_ids[i])]
     return old_lp, ref_lp
@@ -443,19 +447,19 @@ def train_on_batch(
             # by --overlong mask drops out of the denominators too, as if it had not been sampled
             counts = torch.stack([loss_mask_seq[mb].sum(), sum(len(completion_ids[i]) * loss_mask_seq[i] for i in mb)])
             num_seqs, num_tokens = accelerator.reduce(counts.float(), "sum").clamp(min=1).tolist()
-            micro = systems.make_microbatches(prompt_ids, completion_ids, args.token_budget, group, indices=mb)
-            micro = systems.lockstep(micro, accelerator)  # every rank runs as many forwards and backwards
+            micro = batching.make_microbatches(prompt_ids, completion_ids, args.token_budget, group, indices=mb)
+            micro = distributed.lockstep(micro, accelerator)  # every rank runs as many forwards and backwards
             for k, m in enumerate(micro):
-                b = systems.collate(m, prompt_ids, completion_ids, pad_id, device, group)
+                b = batching.collate(m, prompt_ids, completion_ids, pad_id, device, group)
                 C, last = b["completion_ids"].shape[1], k == len(micro) - 1
                 # gradients all-reduce (DDP) and DeepSpeed steps its engine on the last micro-batch only
                 accelerator.gradient_state._set_sync_gradients(last)
-                with systems.no_sync(model, accelerator, last):
+                with distributed.no_sync(model, accelerator, last):
                     with accelerator.autocast():
-                        logprobs, entropy = systems.completion_logprobs(model, b, args.temperature)  # (b, C)
-                    old = systems.pad_values(old_lp, m, C, device) if old_lp is not None else logprobs.detach()
-                    ref = systems.pad_values(ref_lp, m, C, device) if ref_model is not None else None
-                    samp = systems.pad_values(sampler_logprobs, m, C, device) if sampler_logprobs is not None else None
+                        logprobs, entropy = batching.completion_logprobs(model, b, args.temperature)  # (b, C)
+                    old = batching.pad_values(old_lp, m, C, device) if old_lp is not None else logprobs.detach()
+                    ref = batching.pad_values(ref_lp, m, C, device) if ref_model is not None else None
+                    samp = batching.pad_values(sampler_logprobs, m, C, device) if sampler_logprobs is not None else None
                     per_token, stats = policy_loss(logprobs, old, advantages[m], args, samp, ref, entropy)
                     mask = b["completion_mask"] * loss_mask_seq[m][:, None]  # (b, C); 0 on prompt/pad tokens
                     weights = token_weights(mask, args.loss_agg, num_seqs, num_tokens, args.max_new_tokens)
@@ -470,9 +474,9 @@ def train_on_batch(
                         sums[key] += (stats[key] * mask).sum()
             grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
             if not torch.isfinite(grad_norm):  # nothing of this step is saved; say where to restart from
-                last = (systems.list_checkpoints(args.output_dir) or ["(none)"])[-1]
+                last = (bookkeeping.list_checkpoints(args.output_dir) or ["(none)"])[-1]
                 what = "this update was not applied"
-                if systems.steps_inside_backward(accelerator):  # DeepSpeed steps its engine inside backward
+                if distributed.steps_inside_backward(accelerator):  # DeepSpeed steps its engine inside backward
                     what = "DeepSpeed's engine already applied this update; the weights in memory are suspect"
                 raise FloatingPointError(
                     f"non-finite gradient norm ({grad_norm}); {what}. Nothing of this step was saved; the last good "
@@ -514,17 +518,26 @@ def build_models(args: Args, accelerator, max_steps: int, log, need_reward_model
     """The policy with AdamW and its schedule; the frozen reward model (if needed) and reference (if --kl-coef),
     whole on every rank; this rank's vLLM engine (or None). Frozen models and vLLM run in the compute dtype."""
     if need_reward_model:  # before any weights load
-        systems.check_model_path("--reward-model", args.reward_model)
+        bookkeeping.check_model_path("--reward-model", args.reward_model)
     model, optimizer, scheduler = build_policy(args, accelerator, max_steps)
-    reward_model, ref_model, llm = systems.frozen_models_and_vllm(args, accelerator, need_reward_model)
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32  # frozen models and vLLM
+    with distributed.replicated_loading():  # frozen models: whole on every rank, never prepared
+        reward_model = reward.RewardModel(args.reward_model, device=str(accelerator.device), dtype=dtype,
+                                          batch_size=args.rm_batch_size, max_length=args.rm_max_length,
+                                          share_prefix=args.share_prompt) if need_reward_model else None  # fmt: skip
+        ref_model = (distributed.frozen_policy(args.model, dtype, accelerator.device, args.share_prompt)
+                     if args.kl_coef > 0 else None)  # fmt: skip
+    max_len, seed = args.max_prompt_length + args.max_new_tokens, args.seed + accelerator.process_index
+    llm = generation.build_vllm(args.model, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization,
+                                args.vllm_sleep) if args.use_vllm else None  # fmt: skip
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
-    run = f"{systems.backend(accelerator)}, {accelerator.num_processes} process(es), {precision}"
-    log(f"backend: {run}, grad clip {systems.clip_norm(model, accelerator, args.max_grad_norm)}")
+    run = f"{distributed.backend(accelerator)}, {accelerator.num_processes} process(es), {precision}"
+    log(f"backend: {run}, grad clip {distributed.clip_norm(model, accelerator, args.max_grad_norm)}")
     return model, optimizer, scheduler, reward_model, ref_model, llm
 
 
 def main(args: Args):
-    accelerator, log, writer = systems.start_run(args, check_args)  # the launched backend; only rank 0 logs
+    accelerator, log, writer = bookkeeping.start_run(args, check_args)  # the launched backend; only rank 0 logs
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     # ---- 1. data: rows in the official format, the policy's chat template, overlong prompts dropped ----
@@ -542,16 +555,16 @@ def main(args: Args):
     max_steps = args.max_steps or args.num_epochs * math.ceil(len(rows) / args.prompts_per_step)
     if writer is not None:  # --max-prompt-length silently shortens the data otherwise
         writer.add_scalar("charts/prompts_dropped", n_dropped, 0)
-    eos_ids = systems.eos_token_ids(tokenizer, args.model)  # EOS ids and the chat template's turn end
+    eos_ids = generation.eos_token_ids(tokenizer, args.model)  # EOS ids and the chat template's turn end
     log(f"stop ids: {eos_ids}")
     log(f"data: {len(rows)} prompts ({n_dropped} over {args.max_prompt_length} tokens dropped), {max_steps} steps")
 
     # ---- setup: policy + optimizer, reward model, optional reference, vLLM engine; resume ----
     model, optimizer, scheduler, reward_model, ref_model, llm = build_models(args, accelerator, max_steps, log)
     sleep = llm is not None and args.vllm_sleep and torch.cuda.is_available()  # GPU only
-    start_step = systems.resume(accelerator, args.output_dir, log)["step"] if args.resume else 0
+    start_step = bookkeeping.resume(accelerator, args.output_dir, log)["step"] if args.resume else 0
     if llm is not None and start_step > 0:
-        systems.sync_weights(llm, model, accelerator)
+        generation.sync_weights(llm, model, accelerator)
     rollouts_path = os.path.join(args.output_dir, "rollouts.jsonl")
     rollout_file = open(rollouts_path, "a") if accelerator.is_main_process else None
     if eval_rows and start_step == 0:
@@ -576,7 +589,7 @@ def main(args: Args):
         prompt_ids, completion_ids, sampler_logprobs, truncated = out
         t_rollout = time.time() - t0
         if sleep:  # free GPU memory for the update; the trained weights are pushed at wake-up (never stale)
-            systems.vllm_sleep(llm)
+            generation.vllm_sleep(llm)
 
         # ---- 3. reward: the judge's score (reward.compute_rewards routes by reward_model.style), shaped (eq. 7) ----
         t0 = time.time()
@@ -603,13 +616,13 @@ def main(args: Args):
         # ---- 6. sync: the new weights into vLLM ----
         t0 = time.time()
         if sleep:
-            systems.vllm_wake_and_sync(llm, model, accelerator)
+            generation.vllm_wake_and_sync(llm, model, accelerator)
         elif llm is not None:
-            systems.sync_weights(llm, model, accelerator)
+            generation.sync_weights(llm, model, accelerator)
         t_sync = time.time() - t0
 
         # ---- 7. log: one console line, TensorBoard, every sample to rollouts.jsonl ----
-        metrics = systems.train_metrics(
+        metrics = bookkeeping.train_metrics(
             sums,
             grad_norms,
             scheduler,
@@ -617,7 +630,7 @@ def main(args: Args):
             sampler_logprobs is not None and args.tis_cap > 0,
             ref_model is not None,
         )
-        metrics |= systems.completion_metrics(completion_ids, truncated, eos_ids, tokenizer, accelerator)
+        metrics |= bookkeeping.completion_metrics(completion_ids, truncated, eos_ids, tokenizer, accelerator)
         step_time = time.time() - t_step
         metrics |= {
             "charts/tokens_per_sec": metrics.pop("completions/tokens") / max(t_rollout, 1e-9),
@@ -638,7 +651,9 @@ def main(args: Args):
         if accelerator.is_main_process:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step + 1)
-            systems.write_rollouts(rollout_file, step, batch_rows, responses, scores_list, rewards, truncated, outcomes)
+            bookkeeping.write_rollouts(
+                rollout_file, step, batch_rows, responses, scores_list, rewards, truncated, outcomes
+            )
         m = metrics
         log(
             f"step {step + 1:>5}/{max_steps} | reward {m['rewards/mean']:+.4f} ± {m['rewards/std']:.4f} "
@@ -654,16 +669,16 @@ def main(args: Args):
 
         # ---- 8. checkpoint ----
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == max_steps:
-            systems.save_checkpoint(accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last)
+            bookkeeping.save_checkpoint(accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last)
 
     if accelerator.is_main_process:
         rollout_file.close()
         writer.close()
-        log(systems.reward_trend(rollouts_path))
+        log(bookkeeping.reward_trend(rollouts_path))
     if llm is not None:  # before Accelerate destroys the process group the engine still holds
         llm.llm_engine.engine_core.shutdown()
     accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main(systems.cli(Args, PRESETS, __doc__))
+    main(bookkeeping.cli(Args, PRESETS, __doc__))

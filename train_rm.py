@@ -27,8 +27,9 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler
 
+import bookkeeping
+import distributed
 import reward
-import systems
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,7 +94,7 @@ class Args:
     resume: bool = False
     """continue from the newest checkpoint in output_dir"""
 
-    # system and logging: speed, memory and backends (systems.py); none of these changes the algorithm
+    # system and logging: speed, memory and backends (batching/distributed/generation.py); none changes the algorithm
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype: bf16 autocast (fp32 master weights) or fp32; auto = bf16 on GPU, fp32 on CPU"""
     gradient_checkpointing: bool = True
@@ -146,7 +147,7 @@ def check_args(args: Args, world: int) -> None:
     """Refuse impossible configurations in seconds, before any weights load, naming the flags to change."""
     if args.pairs_per_step % world:
         raise ValueError(f"--pairs-per-step {args.pairs_per_step} must divide by {world} processes")
-    systems.check_context_length(args.model, args.max_length, f"--max-length {args.max_length}")
+    bookkeeping.check_context_length(args.model, args.max_length, f"--max-length {args.max_length}")
     if 2 * args.max_length > args.token_budget:
         raise ValueError(
             f"a pair of --max-length {args.max_length} needs {2 * args.max_length} tokens, over "
@@ -274,7 +275,7 @@ def evaluate_pairs(model, accelerator, pairs: list, pad_id: int, token_budget: i
     # ZeRO-3 every forward is a collective). A short rank pads with -1: scored (as pairs[-1]), never counted.
     mine += [-1] * (math.ceil(len(pairs) / world) - len(mine))
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # correct, margin sum, count
-    for m in systems.lockstep(pair_microbatches(pairs, mine, token_budget), accelerator):
+    for m in distributed.lockstep(pair_microbatches(pairs, mine, token_budget), accelerator):
         with accelerator.autocast():
             rc, rr = pair_scores(model, pairs, m, pad_id, accelerator.device)
         real = torch.tensor([i >= 0 for i in m], device=rc.device)
@@ -286,12 +287,12 @@ def evaluate_pairs(model, accelerator, pairs: list, pad_id: int, token_budget: i
 
 
 def main(args: Args):
-    accelerator, log, writer = systems.start_run(args, check_args)  # the launched backend; only rank 0 logs
+    accelerator, log, writer = bookkeeping.start_run(args, check_args)  # the launched backend; only rank 0 logs
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     # ---- setup: the model (a new score head on the backbone), its encoder, AdamW, the schedule; resume ----
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    with systems.replicated_loading():  # prepare() shards it below; load it whole first
+    with distributed.replicated_loading():  # prepare() shards it below; load it whole first
         rm = reward.RewardModel(args.model, device="cpu", dtype=torch.float32, max_length=args.max_length)
     rm.model.config.pad_token_id = rm.pad_id  # for anyone using the model's own pooling
     if args.gradient_checkpointing:
@@ -318,9 +319,9 @@ def main(args: Args):
     schedule = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
     scheduler = get_scheduler(schedule, optimizer, args.warmup_steps, max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    run = f"{systems.backend(accelerator)}, {world} process(es), {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
-    log(f"backend: {run}, grad clip {systems.clip_norm(model, accelerator, args.max_grad_norm)}")
-    start_step = systems.resume(accelerator, args.output_dir, log)["step"] if args.resume else 0
+    run = f"{distributed.backend(accelerator)}, {world} process(es), {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
+    log(f"backend: {run}, grad clip {distributed.clip_norm(model, accelerator, args.max_grad_norm)}")
+    start_step = bookkeeping.resume(accelerator, args.output_dir, log)["step"] if args.resume else 0
     if start_step == 0:
         metrics = evaluate_pairs(model, accelerator, eval_pairs, rm.pad_id, args.token_budget)
         log(f"eval before training | accuracy {metrics['eval/accuracy']:.4f} margin {metrics['eval/margin']:+.3f}")
@@ -337,12 +338,12 @@ def main(args: Args):
         indices = indices[rank * per_rank : (rank + 1) * per_rank]
 
         # ---- 2-4. forward, loss (eq. 9), update: micro-batches by token budget, one optimizer step ----
-        micro = systems.lockstep(pair_microbatches(pairs, indices, args.token_budget), accelerator)
+        micro = distributed.lockstep(pair_microbatches(pairs, indices, args.token_budget), accelerator)
         sums = torch.zeros(3, device=device)  # loss, correct, margin, summed over this rank's pairs
         for k, m in enumerate(tqdm(micro, desc="update", leave=False, disable=not accelerator.is_main_process)):
             last = k == len(micro) - 1
             accelerator.gradient_state._set_sync_gradients(last)  # DDP all-reduce, DeepSpeed step: last only
-            with systems.no_sync(model, accelerator, last):
+            with distributed.no_sync(model, accelerator, last):
                 with accelerator.autocast():
                     r_chosen, r_rejected = pair_scores(model, pairs, m, rm.pad_id, device)  # (b,) each
                 losses = bradley_terry_loss(r_chosen, r_rejected, args.margin)
@@ -352,7 +353,7 @@ def main(args: Args):
                 sums += torch.stack([losses.sum(), (r_chosen > r_rejected).sum(), (r_chosen - r_rejected).sum()])
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         if not torch.isfinite(grad_norm):
-            last_ckpt = (systems.list_checkpoints(args.output_dir) or ["(none)"])[-1]
+            last_ckpt = (bookkeeping.list_checkpoints(args.output_dir) or ["(none)"])[-1]
             raise FloatingPointError(
                 f"step {step + 1}: non-finite gradient norm ({grad_norm}); the last good "
                 f"checkpoint is {last_ckpt}. Lower --learning-rate or use fp32."
@@ -387,7 +388,7 @@ def main(args: Args):
 
         # ---- 6. checkpoint ----
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == max_steps:
-            systems.save_checkpoint(accelerator, model, rm.tokenizer, args.output_dir, step + 1, args.keep_last)
+            bookkeeping.save_checkpoint(accelerator, model, rm.tokenizer, args.output_dir, step + 1, args.keep_last)
 
     if accelerator.is_main_process:  # a stable name for the last checkpoint: --reward-model <output_dir>/final
         final = os.path.join(args.output_dir, "final")
@@ -399,4 +400,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(systems.cli(Args, PRESETS, __doc__))
+    main(bookkeeping.cli(Args, PRESETS, __doc__))

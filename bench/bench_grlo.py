@@ -35,9 +35,9 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import generation  # noqa: E402
 import local_models  # noqa: E402
 import reward  # noqa: E402
-import systems  # noqa: E402
 import train_grlo as tg  # noqa: E402
 
 
@@ -87,20 +87,20 @@ def rollout_bench(args: Args, paths: dict):
     _, prompt_ids, _ = tg.tokenize_prompts(rows, tok, 256)
     prompts = [p for p in prompt_ids for _ in range(args.num_generations)]
     run = dict(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
-    eos = systems.eos_token_ids(tok, paths["policy"])
+    eos = generation.eos_token_ids(tok, paths["policy"])
     t = time.perf_counter()
     llm = LLM(model=paths["policy"], dtype=args.rollout_dtype, enforce_eager=not args.vllm_compiled, seed=0, max_model_len=512,
               kv_cache_memory_bytes=2**30, logprobs_mode="processed_logprobs")  # fmt: skip
-    systems.generate_vllm(llm, prompts[:2], [0, 1], eos, **run)  # warm-up
+    generation.generate_vllm(llm, prompts[:2], [0, 1], eos, **run)  # warm-up
     print(f"   vLLM start-up ({'compiled' if args.vllm_compiled else 'eager'}): {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    ids, _, _ = systems.generate_vllm(llm, prompts, list(range(len(prompts))), eos, **run)
+    ids, _, _ = generation.generate_vllm(llm, prompts, list(range(len(prompts))), eos, **run)
     vllm_s, vllm_tok = time.perf_counter() - t, sum(map(len, ids))
     vllm_lengths = list(map(len, ids))
     llm.llm_engine.engine_core.shutdown()
     model = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=getattr(torch, args.rollout_dtype)).eval()
     t = time.perf_counter()
-    ids, _, _ = systems.generate_hf(model, prompts, 0, eos, tok.pad_token_id, **run)
+    ids, _, _ = generation.generate_hf(model, prompts, 0, eos, tok.pad_token_id, **run)
     hf_s, hf_tok = time.perf_counter() - t, sum(map(len, ids))
     unique_prompt_tokens = sum(len(p) for p in prompt_ids)  # vLLM's prefix cache prefills each prompt once
     floor_s = decode_matmul_floor(model.config, getattr(torch, args.rollout_dtype), vllm_lengths, unique_prompt_tokens)

@@ -9,11 +9,11 @@ Four runs, each in its own subprocess (so memory is per run), on SmolLM2-135M + 
 and, on request only, trl-vllm-patched: trl-vllm with ONE change, its weight sync. vLLM's CPU build packs every
 linear weight for oneDNN at load time and leaves an empty Parameter without a `weight_loader`, so TRL's in-place
 `model.load_weights` cannot work there; the patch reloads the full state_dict with `model_runner.reload_weights`,
-as systems.sync_weights does. It shows what TRL's colocate mode would cost if its sync worked on CPU; it is
+as generation.sync_weights does. It shows what TRL's colocate mode would cost if its sync worked on CPU; it is
 compared on its own line and never counted as "TRL's best mode".
-Two more runs on request isolate our allocator setting (systems.keep_freed_memory, on by default on CPU):
+Two more runs on request isolate our allocator setting (batching.keep_freed_memory, on by default on CPU):
   ours-vllm-glibc  ours with GRLO_KEEP_FREED_MEMORY=0 (glibc's default malloc behaviour, as TRL runs)
-  trl-hf-kept      trl-hf with the same malloc setting: the TRL worker calls systems.keep_freed_memory()
+  trl-hf-kept      trl-hf with the same malloc setting: the TRL worker calls batching.keep_freed_memory()
                    before it builds anything (GLIBC_TUNABLES did not reproduce mallopt's effect on a 256 MiB
                    block in our probe, so the worker makes the same calls); also compared on its own line.
 Both sides take every hyperparameter from train_grlo.PRESETS["cpu-smollm2"]: 8 prompts x G=4, 64 new tokens,
@@ -71,10 +71,10 @@ from transformers import TrainerCallback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import batching  # noqa: E402
 import local_models  # noqa: E402
-import systems  # noqa: E402
-import train_grlo as tg  # noqa: E402
 import reward  # noqa: E402
+import train_grlo as tg  # noqa: E402
 
 PRESET = "cpu-smollm2"
 RUNS = ("ours-vllm", "ours-hf", "trl-hf", "trl-vllm")  # the default set; the others only on request
@@ -102,7 +102,7 @@ class Args:
     trl_worker: Optional[Literal["hf", "vllm", "vllm-patched"]] = None
     """internal: run one TRL mode in this process and write its metrics to --output-json (set by the parent)"""
     trl_keep_freed_memory: bool = False
-    """internal: the TRL worker calls systems.keep_freed_memory() first (the trl-hf-kept run)"""
+    """internal: the TRL worker calls batching.keep_freed_memory() first (the trl-hf-kept run)"""
 
 
 # ---- settings: one source of truth for both sides ----
@@ -242,7 +242,7 @@ def trl_worker(args: Args, steps: int):
         config = trl_config(p, steps, out, args.trl_worker != "hf", args.trl_grad_accum)
         if args.trl_worker == "vllm-patched":
             patch_trl_weight_sync()
-        if args.trl_keep_freed_memory and not systems.keep_freed_memory():
+        if args.trl_keep_freed_memory and not batching.keep_freed_memory():
             raise RuntimeError("mallopt refused keep_freed_memory's settings")
         dataset = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in prompt_rows(p)])
         trainer = GRPOTrainer(model=p.model, reward_funcs=p.reward_model, args=config, train_dataset=dataset,
@@ -343,12 +343,12 @@ def run_one(name: str, args: Args, steps: int, p: tg.Args, work: str) -> dict:
         cmd = [sys.executable, "train_grlo.py", "--preset", PRESET, "--model", p.model, "--reward-model", p.reward_model,
                "--max-steps", str(steps), "--output-dir", out, "--save-every", "0", "--sample-every", "0"]  # fmt: skip
         cmd += ["--no-use-vllm"] if name == "ours-hf" else []
-        if name == "ours-vllm-glibc":  # systems.keep_freed_memory off: glibc's defaults
+        if name == "ours-vllm-glibc":  # batching.keep_freed_memory off: glibc's defaults
             env["GRLO_KEEP_FREED_MEMORY"] = "0"
     else:
         # TRL's colocated engine sizes its KV cache from vllm_gpu_memory_utilization, which on CPU is a share of
         # all RAM minus what the process already holds (gigabytes); this legacy variable pins it to ours.
-        env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB, as systems.build_vllm gives our engine on CPU
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB, as generation.build_vllm gives our engine on CPU
         mode = name.split("-", 1)[1].removesuffix("-kept")
         cmd = [sys.executable, os.path.abspath(__file__), "--trl-worker", mode, "--steps", str(steps),
                "--output-json", os.path.join(work, f"{name}.json"), "--trl-grad-accum", str(args.trl_grad_accum)]  # fmt: skip

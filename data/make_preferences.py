@@ -27,9 +27,10 @@ import tyro
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+import generation  # noqa: E402
+
 import local_models  # noqa: E402
 import reward  # noqa: E402
-import systems  # noqa: E402
 import train_grlo  # noqa: E402
 
 
@@ -59,11 +60,11 @@ def main(args: Args):
     rows, prompt_ids, dropped = train_grlo.tokenize_prompts(reward.load_rows(args.prompts), tokenizer, 10**6)
     G = args.num_generations
     cpu = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)  # one CPU process
-    llm = systems.build_vllm(policy, torch.float32, args.seed, 1024, cpu, 0.3, False)
+    llm = generation.build_vllm(policy, torch.float32, args.seed, 1024, cpu, 0.3, False)
     seeds = [train_grlo.request_seed(args.seed, 0, i, j) for i in range(len(rows)) for j in range(G)]
     requests = [p for p in prompt_ids for _ in range(G)]
-    eos = systems.eos_token_ids(tokenizer, policy)
-    ids, _, _ = systems.generate_vllm(
+    eos = generation.eos_token_ids(tokenizer, policy)
+    ids, _, _ = generation.generate_vllm(
         llm,
         requests,
         seeds,

@@ -35,7 +35,7 @@ def smollm2_models():
 @pytest.fixture
 def sdpa_calls(monkeypatch):
     """(query length, key length) of every torch sdpa call while the test runs: shows which attention
-    path ran (systems.shared_prefix_attention makes a P x P call, then a C x (P + C) one, per layer)."""
+    path ran (batching.shared_prefix_attention makes a P x P call, then a C x (P + C) one, per layer)."""
     import torch
 
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
@@ -52,14 +52,14 @@ def ran_block_wise(calls: list) -> bool:
 
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_models):
-    """One in-process vLLM engine on the tiny policy, built by systems.build_vllm exactly as a
+    """One in-process vLLM engine on the tiny policy, built by generation.build_vllm exactly as a
     single-process CPU run builds it (fp32 like the CPU trainer), shared by all tests."""
     import torch
 
-    import systems
+    import generation
 
     one_cpu_process = types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
-    llm = systems.build_vllm(tiny_models["policy"], torch.float32, 1, 512, one_cpu_process, 0.3, False)
+    llm = generation.build_vllm(tiny_models["policy"], torch.float32, 1, 512, one_cpu_process, 0.3, False)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 

@@ -7,7 +7,7 @@ Drives the stage scripts' own functions through one update on each backend and p
 - an update whose micro-batch counts differ by rank makes as many policy forwards on every rank (lockstep),
   and so does the HF-generate fallback when one rank's completions all stop at once (synced decoding);
 - the LR after the update equals the plain, one-process schedule's; the clip norm in force is the flag's;
-- after `systems.sync_weights`, this rank's vLLM engine gives the trainer's log-probs on the same tokens.
+- after `generation.sync_weights`, this rank's vLLM engine gives the trainer's log-probs on the same tokens.
 """
 
 import json
@@ -19,8 +19,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import batching  # noqa: E402
+import distributed  # noqa: E402
+import generation  # noqa: E402
 import reward  # noqa: E402
-import systems  # noqa: E402
 import train_grlo as tg  # noqa: E402
 
 
@@ -34,7 +36,7 @@ def report(out: dict) -> None:
 
 def vllm_error(llm, model, accelerator, prompts, args):
     """Largest |vLLM log-prob - trainer log-prob| over the tokens vLLM samples for `prompts`."""
-    ids, lps, _ = systems.generate_vllm(
+    ids, lps, _ = generation.generate_vllm(
         llm,
         prompts,
         list(range(len(prompts))),
@@ -43,9 +45,9 @@ def vllm_error(llm, model, accelerator, prompts, args):
         top_p=1.0,
         max_new_tokens=args.max_new_tokens,
     )
-    b = systems.collate(list(range(len(prompts))), prompts, ids, 0, accelerator.device)
+    b = batching.collate(list(range(len(prompts))), prompts, ids, 0, accelerator.device)
     with torch.no_grad():
-        hf, _ = systems.completion_logprobs(model, b, args.temperature)
+        hf, _ = batching.completion_logprobs(model, b, args.temperature)
     return max((hf[i, : len(ids[i])] - torch.tensor(lps[i])).abs().max().item() for i in range(len(prompts)))
 
 
@@ -55,12 +57,12 @@ def main(policy: str, rm_path: str):
     args = tg.Args(model=policy, reward_model=rm_path, max_prompt_length=32, max_new_tokens=12, num_generations=2,
                    prompts_per_step=4, num_minibatches=2, token_budget=16, learning_rate=1e-2, lr_scheduler="linear",
                    warmup_steps=1, max_grad_norm=0.5, kl_coef=0.05, gradient_checkpointing=False, dtype="float32")  # fmt: skip
-    acc = systems.make_accelerator(use_bf16=False, max_grad_norm=args.max_grad_norm)
+    acc = distributed.make_accelerator(use_bf16=False, max_grad_norm=args.max_grad_norm)
     rank = acc.process_index
-    out = {"rank": rank, "backend": systems.backend(acc)}
+    out = {"rank": rank, "backend": distributed.backend(acc)}
 
     # frozen models, loaded as main() loads them
-    with systems.replicated_loading():
+    with distributed.replicated_loading():
         rm = reward.RewardModel(rm_path, device=str(acc.device), dtype=torch.float32, batch_size=4, max_length=64)
         ref = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     rows = [{"prompt": [{"role": "user", "content": "Say something."}], "reward_model": {"style": "model"}}] * 3
@@ -90,7 +92,7 @@ def main(policy: str, rm_path: str):
     out["update_forwards"], forwards[0] = forwards[0], 0
     out["lr"], out["plain_lr"] = scheduler.get_last_lr()[0], plain.get_last_lr()[0]
     out["grad_norms"] = grad_norms
-    out["clip_norm"] = systems.clip_norm(model, acc, args.max_grad_norm)
+    out["clip_norm"] = distributed.clip_norm(model, acc, args.max_grad_norm)
     out["kl"] = float(sums["kl"])
 
     # HF fallback: rank 0's completions all stop after one token, rank 1's run to max_new_tokens
@@ -101,10 +103,10 @@ def main(policy: str, rm_path: str):
     out["rollout_forwards"] = forwards[0]
 
     # weight sync: the engine starts from the checkpoint on disk; the trainer has moved since
-    llm = systems.build_vllm(policy, torch.float32, args.seed + rank, 44, acc, 0.3, False)
+    llm = generation.build_vllm(policy, torch.float32, args.seed + rank, 44, acc, 0.3, False)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     out["vllm_error_before_sync"] = vllm_error(llm, model, acc, prompts, args)
-    systems.sync_weights(llm, model, acc)
+    generation.sync_weights(llm, model, acc)
     out["vllm_error_after_sync"] = vllm_error(llm, model, acc, prompts, args)
     llm.llm_engine.engine_core.shutdown()
     report(out)
@@ -114,14 +116,14 @@ def main(policy: str, rm_path: str):
 def fsdp_loading(rm_path: str):
     """Under torchrun with the variables `accelerate launch` exports for an FSDP config (accelerate cannot run
     FSDP on CPU, so this is the part that can be reproduced): reward-model scores loaded plainly and through
-    `systems.replicated_loading`. transformers zero-fills the plain load on local ranks other than 0."""
+    `distributed.replicated_loading`. transformers zero-fills the plain load on local ranks other than 0."""
     import contextlib
 
     torch.distributed.init_process_group("gloo")
     os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
     rows = [{"prompt": [{"role": "user", "content": "Say something."}], "reward_model": {"style": "model"}}] * 2
     out = {"rank": torch.distributed.get_rank()}
-    for name, ctx in (("plain", contextlib.nullcontext), ("replicated", systems.replicated_loading)):
+    for name, ctx in (("plain", contextlib.nullcontext), ("replicated", distributed.replicated_loading)):
         with ctx():
             rm = reward.RewardModel(rm_path, device="cpu", dtype=torch.float32, batch_size=2, max_length=64)
         out[name] = reward.compute_rewards(rows, ["Something.", "A longer answer, with more words."], rm)[0]
@@ -134,7 +136,7 @@ def every_rank():
     """train_rlvr.every_rank with the flag true on rank 0 only, and true on both: must be False, then True."""
     import train_rlvr
 
-    acc = systems.make_accelerator(False, 1.0)
+    acc = distributed.make_accelerator(False, 1.0)
     rank = acc.process_index
     report(
         {"rank": rank, "rank0_only": train_rlvr.every_rank(rank == 0, acc), "both": train_rlvr.every_rank(True, acc)}

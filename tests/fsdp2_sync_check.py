@@ -1,5 +1,5 @@
 """Run under `torchrun --nproc_per_node 2`: FSDP2-shard the tiny policy, perturb it, push it into each
-rank's own vLLM engine with systems.sync_weights, and check vLLM's log-probs match the trainer's.
+rank's own vLLM engine with generation.sync_weights, and check vLLM's log-probs match the trainer's.
 
 Exercises the DTensor branch of `full_state_dict` (each rank all-gathers every parameter), which DDP
 tests cannot reach. Exits non-zero on any mismatch."""
@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import systems  # noqa: E402
+import batching  # noqa: E402
+import generation  # noqa: E402
 
 
 class _Unsharded:  # what full_state_dict needs from an Accelerator: no DeepSpeed, identity unwrap
@@ -47,18 +48,18 @@ def main(policy: str):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     assert any(hasattr(p, "full_tensor") for p in model.parameters()), "parameters are not DTensors"
-    gathered = dict(systems.full_state_dict(model, _Unsharded()))
+    gathered = dict(generation.full_state_dict(model, _Unsharded()))
     want = reference.state_dict()
     assert gathered.keys() == want.keys(), set(gathered) ^ set(want)
     assert all(torch.equal(gathered[k], want[k]) for k in want), "gathered weights differ"
-    systems.sync_weights(llm, model, _Unsharded())
+    generation.sync_weights(llm, model, _Unsharded())
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    ids, lps, _ = systems.generate_vllm(
+    ids, lps, _ = generation.generate_vllm(
         llm, prompts, [rank, rank + 7], [], temperature=1.0, top_p=1.0, max_new_tokens=12
     )
-    batch = systems.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
+    batch = batching.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
     with torch.no_grad():
-        hf, _ = systems.completion_logprobs(reference, batch, temperature=1.0)
+        hf, _ = batching.completion_logprobs(reference, batch, temperature=1.0)
     err = max((hf[i, : len(ids[i])] - torch.tensor(lps[i])).abs().max().item() for i in range(2))
     assert err < 1e-4, f"rank {rank}: vLLM vs trainer log-prob error {err} after the FSDP2 sync"
     print(f"rank {rank}: FSDP2 sync OK, max log-prob error {err:.2e}", flush=True)

@@ -12,9 +12,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reward_hacks import HOST_ATTACKS  # noqa: E402
+
 import code_judge  # noqa: E402
 import sandbox  # noqa: E402
-from reward_hacks import HOST_ATTACKS  # noqa: E402
 
 HOME = os.environ["HOME"]
 KEY, VICTIM, BASHRC = (os.path.join(HOME, p) for p in (".ssh/id_ed25519", "victim.txt", ".bashrc"))

@@ -15,8 +15,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bookkeeping  # noqa: E402
 import evaluate  # noqa: E402
-import systems  # noqa: E402
 import train_grlo  # noqa: E402
 import train_rlvr  # noqa: E402
 import train_rm  # noqa: E402
@@ -69,7 +69,7 @@ def effects(command: str) -> tuple[set, set, str]:
     if script not in STAGES or "--help" in argv:
         return set(), set(), ""
     module = STAGES[script]
-    args = systems.cli(module.Args, module.PRESETS, "", argv)
+    args = bookkeeping.cli(module.Args, module.PRESETS, "", argv)
     if script == "evaluate.py":
         reads = {*args.model, args.reward_model, args.baseline_model or ""}
         return {rel(p) for p in reads if rel(p).startswith(LOCAL)}, {rel(args.output_dir)}, rel(args.output_dir)

@@ -14,11 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from reward_hacks import ATTACKS, HOST_ATTACKS, program  # noqa: E402
+from test_reward import HUMANEVAL_ROW, LCB_STDIN_ROW, MBPP_PLUS_ROW, MBPP_ROW, fenced, lcb_compress  # noqa: E402
+
 import code_judge  # noqa: E402
 import reward  # noqa: E402
 import sandbox  # noqa: E402
-from reward_hacks import ATTACKS, HOST_ATTACKS, program  # noqa: E402
-from test_reward import HUMANEVAL_ROW, LCB_STDIN_ROW, MBPP_PLUS_ROW, MBPP_ROW, fenced, lcb_compress  # noqa: E402
 
 CAPS = sandbox.sandbox_caps()
 isolated = pytest.mark.skipif(CAPS["mode"] != "root", reason="needs root with unshare + setpriv (the full sandbox)")

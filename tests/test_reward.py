@@ -23,8 +23,8 @@ from conftest import ran_block_wise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import batching  # noqa: E402
 import reward  # noqa: E402
-import systems  # noqa: E402
 import sandbox  # noqa: E402
 
 CAPS = sandbox.sandbox_caps()
@@ -655,11 +655,14 @@ def test_shared_prefix_attention_equals_sdpa_with_the_whole_mask():
         seg[0, P + k * C : P + k * C + n] = k + 1
     for k, n in enumerate((4, 1)):  # row 1: two samples, its third slot stays empty
         seg[1, P + k * C : P + k * C + n] = k + 1
-    mask = systems.shared_prefix_mask(seg)
+    mask = batching.shared_prefix_mask(seg)
     q = torch.randn(2, 4, P + S * C, 8, requires_grad=True)
     kv = [torch.randn(2, 2, P + S * C, 8, requires_grad=True) for _ in range(2)]
     outs, grads = [], []
-    for fn, extra in ((sdpa_attention_forward, {}), (systems.shared_prefix_attention, {"shared_prefix_slots": (S, C)})):
+    for fn, extra in (
+        (sdpa_attention_forward, {}),
+        (batching.shared_prefix_attention, {"shared_prefix_slots": (S, C)}),
+    ):
         out, _ = fn(Attn(), q, *kv, mask, scaling=0.3, **extra)
         weights = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
         outs.append(out.detach())
@@ -671,11 +674,11 @@ def test_shared_prefix_attention_equals_sdpa_with_the_whole_mask():
 
 
 def test_importing_reward_registers_no_attention():
-    """Importing reward.py (or systems.py) has no side effects: the shared-prefix attention is registered with
-    transformers only by systems.use_shared_prefix_attention (it used to be registered at import)."""
-    code = "import reward, systems; from transformers import AttentionInterface as A; print(sorted(A._global_mapping))"
+    """Importing reward.py (or batching.py) has no side effects: the shared-prefix attention is registered with
+    transformers only by batching.use_shared_prefix_attention (it used to be registered at import)."""
+    code = "import reward, batching, distributed, generation, bookkeeping; from transformers import AttentionInterface as A; print(sorted(A._global_mapping))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "sdpa" in out and systems.SHARED_PREFIX_ATTENTION not in out
+    assert "sdpa" in out and batching.SHARED_PREFIX_ATTENTION not in out
 
 
 def test_shared_prefix_attention_refuses_attention_that_misreads_the_mask(tiny_models):
@@ -683,10 +686,10 @@ def test_shared_prefix_attention_refuses_attention_that_misreads_the_mask(tiny_m
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], attn_implementation="eager")
     with pytest.raises(ValueError, match=r"tiny-qwen3: --share-prompt needs sdpa attention, the model uses 'eager'"):
-        systems.use_shared_prefix_attention(model, "tiny-qwen3")
+        batching.use_shared_prefix_attention(model, "tiny-qwen3")
     model.set_attn_implementation("sdpa")
-    systems.use_shared_prefix_attention(model, "tiny-qwen3")
-    assert model.config._attn_implementation == systems.SHARED_PREFIX_ATTENTION
+    batching.use_shared_prefix_attention(model, "tiny-qwen3")
+    assert model.config._attn_implementation == batching.SHARED_PREFIX_ATTENTION
 
 
 def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, sdpa_calls):
@@ -698,7 +701,7 @@ def test_reward_model_shared_prefix_gives_the_same_scores(tiny_models, rm, sdpa_
     responses = (["First.", "First, heat the pan. " * 5, "Second", ""] + ["hi"]
                  + ["3 apples", "so \\boxed{7}. " * 3, "7", "seven apples"] + ["", "go"] + ["Because.", "Because therefore."])  # fmt: skip
     want = rm.score(prompts, responses)
-    assert shared.model.config._attn_implementation == systems.SHARED_PREFIX_ATTENTION
+    assert shared.model.config._attn_implementation == batching.SHARED_PREFIX_ATTENTION
     sdpa_calls.clear()
     got = shared.score(prompts, responses)
     assert got == pytest.approx(want, abs=1e-4)

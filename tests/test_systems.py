@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import ROOT, launch, run_script
 
-import systems
+import distributed
+import generation
 import train_grlo as tg
 
 PY = sys.executable
@@ -55,7 +56,7 @@ def test_backend_plumbing_on_two_ranks(config, tiny_models):
 def test_fsdp_loading_variables_do_not_zero_the_frozen_models(tiny_models):
     """`accelerate launch` with an FSDP config exports FSDP_CPU_RAM_EFFICIENT_LOADING=true, and transformers
     then zero-fills every from_pretrained model on local ranks > 0. The plain load shows the bug (rank 1
-    scores 0.0); systems.replicated_loading gives both ranks the real reward model."""
+    scores 0.0); distributed.replicated_loading gives both ranks the real reward model."""
     proc = run_script([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/distributed_check.py",
                        "--fsdp-loading", tiny_models["reward"]], timeout=300)  # fmt: skip
     r = checks(proc.stdout)
@@ -149,7 +150,9 @@ def test_stops_on_the_chat_templates_turn_end_when_eos_is_the_document_end(tmp_p
     gen.eos_token_id = [tok.convert_tokens_to_ids("<|endoftext|>")]
     gen.save_pretrained(str(base))
     assert tok.eos_token == "<|endoftext|>"
-    assert systems.eos_token_ids(tok, str(base)) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+    assert generation.eos_token_ids(tok, str(base)) == sorted(
+        tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    )
 
 
 def test_bf16_logits_are_not_copied_to_fp32(tiny_models):
@@ -159,7 +162,7 @@ def test_bf16_logits_are_not_copied_to_fp32(tiny_models):
 import sys; sys.path.insert(0, {ROOT!r})
 import torch, systems, train_grlo as tg
 args = tg.Args(model={tiny_models["policy"]!r}, gradient_checkpointing=False, share_prompt=False)
-acc = systems.make_accelerator(use_bf16=True, max_grad_norm=1.0)
+acc = distributed.make_accelerator(use_bf16=True, max_grad_norm=1.0)
 model, _, _ = tg.build_policy(args, acc, max_steps=1)
 with acc.autocast():
     print("DTYPE", model(input_ids=torch.tensor([[5, 6, 7]])).logits.dtype)
@@ -169,12 +172,14 @@ with acc.autocast():
 
 def test_make_accelerator_keeps_a_single_process_plain():
     """No launcher: no process group, no plugin (the CPU quick start and every single-GPU command)."""
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); import systems; a = systems.make_accelerator(False, 1.0); print('BACKEND', systems.backend(a))"
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import systems; a = distributed.make_accelerator(False, 1.0); print('BACKEND', distributed.backend(a))"
     assert "BACKEND single" in run_script([PY, "-c", code]).stdout
 
 
 def test_importing_systems_has_no_side_effects():
-    assert systems.DIST_TIMEOUT.total_seconds() >= 3600  # long rollouts and checkpoint gathers fit in one collective
+    assert (
+        distributed.DIST_TIMEOUT.total_seconds() >= 3600
+    )  # long rollouts and checkpoint gathers fit in one collective
     # importing systems imports neither deepspeed nor vLLM
     code = f"import sys; sys.path.insert(0, {ROOT!r}); import systems; print(sorted(m for m in ('deepspeed', 'vllm') if m in sys.modules))"
     assert run_script([PY, "-c", code]).stdout.strip().endswith("[]")
@@ -187,7 +192,7 @@ import sys; sys.path.insert(0, {ROOT!r})
 import systems, train_grlo as tg
 args = tg.Args(model={tiny_models["policy"]!r}, gradient_checkpointing=False, learning_rate=1e-3, warmup_steps=2,
                num_minibatches=1, lr_scheduler="constant")
-_, optimizer, scheduler = tg.build_policy(args, systems.make_accelerator(False, 1.0), max_steps=5)
+_, optimizer, scheduler = tg.build_policy(args, distributed.make_accelerator(False, 1.0), max_steps=5)
 lrs = []
 for _ in range(4):
     lrs.append(scheduler.get_last_lr()[0])

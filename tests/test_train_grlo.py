@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import LAUNCH_2, ROOT, kill_when_exists, ran_block_wise, run_script
 
+import batching
+import bookkeeping
+import generation
 import reward
-import systems
 import train_grlo as tg
 
 OFFICIAL = os.path.join(os.path.dirname(ROOT), "shared", "data", "grlo_official_sample.jsonl")
@@ -22,7 +24,7 @@ def args_for(**kw):
 
 
 def sampling(a) -> dict:
-    """The sampling settings the stages pass to systems.generate_vllm / generate_hf."""
+    """The sampling settings the stages pass to generation.generate_vllm / generate_hf."""
     return dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
 
 
@@ -253,14 +255,14 @@ def test_minibatches_are_redrawn_each_epoch_from_the_seed_and_step_only(tiny_mod
     """Two epochs of 2 mini-batches: each epoch covers every sample once, the epochs differ, and the same
     (seed, step) draws the same mini-batches again (an exact resume)."""
     seen = []
-    real = systems.make_microbatches
+    real = batching.make_microbatches
 
     def spy(*a, indices=None, **k):  # the update's calls name their mini-batch; pi_old's pass (None) covers all
         if indices is not None:
             seen.append(list(indices))
         return real(*a, indices=indices, **k)
 
-    monkeypatch.setattr(systems, "make_microbatches", spy)
+    monkeypatch.setattr(batching, "make_microbatches", spy)
     prompts, completions = [[5, 6, 7]] * 8, [[20 + i, 21] for i in range(8)]
     kw = dict(num_minibatches=2, ppo_epochs=2)
     one_update(tiny_models["policy"], (prompts, completions, None), torch.linspace(-1, 1, 8), torch.ones(8), **kw)
@@ -286,7 +288,7 @@ def test_check_args_refuses_what_cannot_work_and_notes_what_cannot_act(tiny_mode
 # ---- batching and log-probs ----
 def test_collate_masks_exclude_prompt_and_pad_tokens():
     prompts, comps = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9, 2]]
-    b = systems.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
+    b = batching.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
     assert b["input_ids"].tolist() == [[5, 6, 7, 1, 2, 0, 0], [0, 0, 8, 3, 4, 9, 2]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]
     assert b["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
@@ -299,7 +301,7 @@ def test_microbatches_cover_every_sample_once_within_budget():
     rng = random.Random(0)
     prompts = [[1] * rng.randint(1, 40) for _ in range(50)]
     comps = [[1] * rng.randint(1, 60) for _ in range(50)]
-    batches = systems.make_microbatches(prompts, comps, token_budget=300)
+    batches = batching.make_microbatches(prompts, comps, token_budget=300)
     assert sorted(i for b in batches for i in b) == list(range(50))
     for b in batches:
         width = max(len(prompts[i]) for i in b) + max(len(comps[i]) for i in b)
@@ -308,7 +310,7 @@ def test_microbatches_cover_every_sample_once_within_budget():
 
 def test_shared_prompt_row_layout_positions_and_mask():
     """Eq. 8 by hand: prompt [5, 6], completions [1, 2] and [3] -> one row [5, 6 | 1, 2 | 3, pad]."""
-    b = systems.collate([0, 1], [[5, 6], [5, 6]], [[1, 2], [3]], pad_id=0, device="cpu", group_size=2)
+    b = batching.collate([0, 1], [[5, 6], [5, 6]], [[1, 2], [3]], pad_id=0, device="cpu", group_size=2)
     assert b["input_ids"].tolist() == [[5, 6, 1, 2, 3, 0]]
     assert b["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 2]  # the second completion restarts after the prompt
     assert b["logits_keep"].tolist() == [1, 2, 1, 4]  # the first token of each slot is predicted at the prompt's end
@@ -326,7 +328,7 @@ def test_shared_prompt_row_layout_positions_and_mask():
 def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, sdpa_calls):
     """One row per group (--share-prompt) against one row per sample: same log-probs, entropies and gradients,
     also for a group cut short by a mini-batch boundary, with fewer tokens forwarded; with sdpa over the
-    whole mask and with systems.shared_prefix_attention (what main sets), whose block-wise path must run."""
+    whole mask and with batching.shared_prefix_attention (what main sets), whose block-wise path must run."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -337,15 +339,15 @@ def test_shared_prompt_gives_the_same_logprobs_and_gradients(tiny_models, sdpa_c
     comps = [torch.randint(3, V, (n,)).tolist() for n in (4, 6, 1, 5, 3, 3, 3, 2, 7, 6, 5, 4)]
     for indices in (list(range(3 * G)), [1, 2, 3, 4, 5, 9, 10]):
         results = []
-        for group_size, attention in ((1, "sdpa"), (G, "sdpa"), (G, systems.SHARED_PREFIX_ATTENTION)):
+        for group_size, attention in ((1, "sdpa"), (G, "sdpa"), (G, batching.SHARED_PREFIX_ATTENTION)):
             if attention == "sdpa":
                 model.set_attn_implementation("sdpa")
             else:  # registers the attention with transformers on first use, as the stages do
-                systems.use_shared_prefix_attention(model, "tiny-qwen3")
+                batching.use_shared_prefix_attention(model, "tiny-qwen3")
             model.zero_grad()
             sdpa_calls.clear()
-            b = systems.collate(indices, prompt_ids, comps, pad_id=0, device="cpu", group_size=group_size)
-            lp, ent = systems.completion_logprobs(model, b, temperature=0.7)
+            b = batching.collate(indices, prompt_ids, comps, pad_id=0, device="cpu", group_size=group_size)
+            lp, ent = batching.completion_logprobs(model, b, temperature=0.7)
             m = b["completion_mask"]
             ((lp * m).sum() + (ent * m).sum()).backward()
             grads = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -368,7 +370,7 @@ def test_shared_prompt_microbatches_keep_groups_whole_within_budget():
     prompts = [[k] * rng.randint(1, 40) for k in range(n_groups)]
     prompt_ids = [prompts[i // G] for i in range(n_groups * G)]
     comps = [[1] * rng.randint(1, 30) for _ in range(n_groups * G)]
-    batches = systems.make_microbatches(prompt_ids, comps, token_budget=400, group_size=G)
+    batches = batching.make_microbatches(prompt_ids, comps, token_budget=400, group_size=G)
     assert sorted(i for b in batches for i in b) == list(range(n_groups * G))
     for b in batches:
         assert all(set(range(i - i % G, i - i % G + G)) <= set(b) for i in b)  # whole groups only
@@ -382,8 +384,8 @@ def test_completion_logprobs_match_a_plain_log_softmax(tiny_models):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
     prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
-    b = systems.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
-    lp, ent = systems.completion_logprobs(model, b, temperature=0.7, chunk_tokens=2)
+    b = batching.collate([0, 1], prompts, comps, pad_id=0, device="cpu")
+    lp, ent = batching.completion_logprobs(model, b, temperature=0.7, chunk_tokens=2)
     for row in range(2):  # reference: each sequence alone, no padding, full-vocab log_softmax
         ids = torch.tensor([prompts[row] + comps[row]])
         with torch.no_grad():
@@ -404,7 +406,7 @@ def test_token_logprobs_gradients_match_autograd(dtype, use):
     targets = torch.randint(0, 50, (7,))
     g_lp, g_ent = torch.randn(7), torch.randn(7)
     x = logits.clone().requires_grad_()
-    lp, ent = systems.TokenLogProbs.apply(x, targets, 0.7, 3)  # chunk 3: 7 rows = 3 chunks
+    lp, ent = batching.TokenLogProbs.apply(x, targets, 0.7, 3)  # chunk 3: 7 rows = 3 chunks
     loss = (lp * g_lp if use != "entropy" else 0) + (ent * g_ent if use != "logprobs" else 0)
     loss.sum().backward()
     y = logits.float().clone().requires_grad_()
@@ -423,13 +425,13 @@ def test_token_logprobs_gradients_match_autograd(dtype, use):
 KEEP_FREED_PROBE = """
 import resource, sys
 import torch
-import systems
+import batching
 if sys.argv[1] == "keep":
-    assert systems.keep_freed_memory(), "mallopt refused the settings"
+    assert batching.keep_freed_memory(), "mallopt refused the settings"
 if sys.argv[1] == "env-off":  # what the stages call on CPU, with the A/B switch set
     import os
     os.environ["GRLO_KEEP_FREED_MEMORY"] = "0"
-    assert not systems.keep_freed_memory(), "GRLO_KEEP_FREED_MEMORY=0 was ignored"
+    assert not batching.keep_freed_memory(), "GRLO_KEEP_FREED_MEMORY=0 was ignored"
 faults = []
 for _ in range(5):  # allocate and touch 40 x 8 MiB and 256 MiB (a step's logits), free it all, repeat
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -465,7 +467,7 @@ def test_eos_ids_include_tokenizer_and_generation_config(tiny_models):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
-    ids = systems.eos_token_ids(tok, tiny_models["policy"])
+    ids = generation.eos_token_ids(tok, tiny_models["policy"])
     assert set(ids) == {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
 
 
@@ -473,14 +475,14 @@ def test_eos_ids_include_tokenizer_and_generation_config(tiny_models):
 def test_vllm_stops_on_every_eos_id_and_is_seeded(tiny_llm):
     a = args_for(max_new_tokens=12, temperature=1.0)
     prompt = [[5, 6, 7, 8]]
-    ids, lps, trunc = systems.generate_vllm(tiny_llm, prompt * 2, [11, 11], [], **sampling(a))
+    ids, lps, trunc = generation.generate_vllm(tiny_llm, prompt * 2, [11, 11], [], **sampling(a))
     assert ids[0] == ids[1] and len(ids[0]) == 12 and trunc == [True, True]  # same seed, same sample
     assert len(lps[0]) == len(ids[0])
-    other, _, _ = systems.generate_vllm(tiny_llm, prompt, [12], [], **sampling(a))
+    other, _, _ = generation.generate_vllm(tiny_llm, prompt, [12], [], **sampling(a))
     assert other[0] != ids[0]
     for k in (2, 5):  # declare the k-th sampled token a second EOS id: it must stop generation too
         eos = [2, ids[0][k]]
-        stop_ids, _, stop_trunc = systems.generate_vllm(tiny_llm, prompt, [11], eos, **sampling(a))
+        stop_ids, _, stop_trunc = generation.generate_vllm(tiny_llm, prompt, [11], eos, **sampling(a))
         first = next(j for j, t in enumerate(ids[0]) if t in eos)
         assert stop_ids[0] == ids[0][: first + 1] and stop_trunc == [False]  # EOS kept, then stop
 
@@ -489,7 +491,9 @@ def test_vllm_seeded_long_prompts_prefill_whole(tiny_llm):
     # regression: vLLM 0.32 CPU raised "CPU Generator does not use offset" when seeded requests were
     # prefilled in chunks (64 prompts of ~300 tokens exceed one 4096-token batch); build_vllm prevents it
     prompts = [[5 + i % 50] * (300 + i) for i in range(64)]
-    ids, lps, _ = systems.generate_vllm(tiny_llm, prompts, list(range(64)), [], **sampling(args_for(max_new_tokens=4)))
+    ids, lps, _ = generation.generate_vllm(
+        tiny_llm, prompts, list(range(64)), [], **sampling(args_for(max_new_tokens=4))
+    )
     assert len(ids) == 64 and all(1 <= len(x) <= 4 and len(lp) == len(x) for x, lp in zip(ids, lps))
 
 
@@ -498,12 +502,12 @@ def test_hf_fallback_stops_on_every_eos_id(tiny_models):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
     a = args_for(max_new_tokens=10)
-    ids, lps, trunc = systems.generate_hf(model, [[5, 6, 7], [5, 6]], 3, [], 0, **sampling(a))
+    ids, lps, trunc = generation.generate_hf(model, [[5, 6, 7], [5, 6]], 3, [], 0, **sampling(a))
     assert lps is None and all(len(x) == 10 for x in ids) and trunc == [True, True]
-    again, _, _ = systems.generate_hf(model, [[5, 6, 7], [5, 6]], 3, [], 0, **sampling(a))
+    again, _, _ = generation.generate_hf(model, [[5, 6, 7], [5, 6]], 3, [], 0, **sampling(a))
     assert again == ids
     eos = [2, ids[0][3]]
-    cut, _, cut_trunc = systems.generate_hf(model, [[5, 6, 7], [5, 6]], 3, eos, 0, **sampling(a))
+    cut, _, cut_trunc = generation.generate_hf(model, [[5, 6, 7], [5, 6]], 3, eos, 0, **sampling(a))
     first = next(j for j, t in enumerate(ids[0]) if t in eos)
     assert cut[0] == ids[0][: first + 1] and cut_trunc[0] is False
 
@@ -520,10 +524,10 @@ def _vllm_vs_hf_error(llm, model, names="state_dict"):
     """Generate with vLLM, then compare its sampler log-probs with the trainer's on the same tokens."""
     a = args_for(max_new_tokens=16, temperature=1.0)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    ids, lps, _ = systems.generate_vllm(llm, prompts, [1, 2], [], **sampling(a))
-    b = systems.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
+    ids, lps, _ = generation.generate_vllm(llm, prompts, [1, 2], [], **sampling(a))
+    b = batching.collate([0, 1], prompts, ids, pad_id=0, device="cpu")
     with torch.no_grad():
-        hf, _ = systems.completion_logprobs(model, b, temperature=1.0)
+        hf, _ = batching.completion_logprobs(model, b, temperature=1.0)
     return max((hf[i, : len(ids[i])] - torch.tensor(lps[i])).abs().max().item() for i in range(2))
 
 
@@ -537,7 +541,7 @@ def test_weight_sync_makes_vllm_match_the_trainer(tiny_llm, tiny_models):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     assert _vllm_vs_hf_error(tiny_llm, model) > 1e-2  # stale engine: the check can fail
-    systems.sync_weights(tiny_llm, model, _Plain())
+    generation.sync_weights(tiny_llm, model, _Plain())
     assert _vllm_vs_hf_error(tiny_llm, model) < 1e-4
     # the classic bug: named_parameters() omits the tied lm_head, leaving vLLM neither old nor new
     with torch.no_grad():
@@ -547,7 +551,7 @@ def test_weight_sync_makes_vllm_match_the_trainer(tiny_llm, tiny_models):
     runner.reload_weights(weights_iterator=iter(list(model.named_parameters())))
     tiny_llm.reset_prefix_cache()
     broken = _vllm_vs_hf_error(tiny_llm, model)
-    systems.sync_weights(tiny_llm, model, _Plain())
+    generation.sync_weights(tiny_llm, model, _Plain())
     assert _vllm_vs_hf_error(tiny_llm, model) < 1e-4
     assert broken > 1e-2, f"named_parameters sync unexpectedly matched ({broken})"
 
@@ -573,7 +577,7 @@ def test_cpu_smoke_vllm_end_to_end(tmp_path, tiny_models):
     out = tmp_path / "run"
     proc = run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "3", "--save-every", "2", "--output-dir", str(out)])
     assert proc.stdout.count("step ") >= 3 and "reward trend" in proc.stdout
-    assert [os.path.basename(p) for p in systems.list_checkpoints(str(out))] == ["checkpoint-2", "checkpoint-3"]
+    assert [os.path.basename(p) for p in bookkeeping.list_checkpoints(str(out))] == ["checkpoint-2", "checkpoint-3"]
     ckpt = out / "checkpoint-3"
     assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
     rows = _rollouts(str(out))
@@ -668,7 +672,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_models):
     proc = run_script([PY, "train_grlo.py", *SMOKE, "--max-steps", "3", "--save-every", "1", "--resume",
                        "--reward-model", str(nan_rm), "--output-dir", str(out)], check=False)  # fmt: skip
     assert proc.returncode != 0 and "non-finite gradient norm" in proc.stderr and "checkpoint-1" in proc.stderr
-    assert [os.path.basename(p) for p in systems.list_checkpoints(str(out))] == ["checkpoint-1"]
+    assert [os.path.basename(p) for p in bookkeeping.list_checkpoints(str(out))] == ["checkpoint-1"]
     after = load_file(str(out / "checkpoint-1" / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -738,8 +742,10 @@ def test_judge_reward_model_scores_rule_rows_and_gold_eval_verifies(tmp_path, ti
 
 
 def test_missing_local_model_folder_fails_in_seconds(tmp_path):
-    systems.check_model_path("--reward-model", "Skywork/Skywork-Reward-V2-Llama-3.1-8B")  # a hub id: left to the hub
-    systems.check_model_path("--model", str(tmp_path))  # an existing folder
+    bookkeeping.check_model_path(
+        "--reward-model", "Skywork/Skywork-Reward-V2-Llama-3.1-8B"
+    )  # a hub id: left to the hub
+    bookkeeping.check_model_path("--model", str(tmp_path))  # an existing folder
     for path in ("runs/rm-cpu-arith/final", "./rm", str(tmp_path / "missing")):
         with pytest.raises(ValueError, match=f"--reward-model {path}: no such folder"):
-            systems.check_model_path("--reward-model", path)
+            bookkeeping.check_model_path("--reward-model", path)

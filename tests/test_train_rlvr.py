@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 from conftest import LAUNCH_2, ROOT, kill_when_exists, launch, run_script
-import reward
 
+import reward
 import train_rlvr as tr
 
 PY = sys.executable

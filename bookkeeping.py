@@ -1,0 +1,217 @@
+"""Run bookkeeping: the command line (presets), start-up checks that fail in seconds, the run's output folder
+(never shared by two runs), checkpoints and exact resume, rollouts.jsonl, and the logged metrics.
+Importing it has no side effects.
+"""
+
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+
+import batching
+import distributed
+
+
+def check_model_path(flag: str, path: str) -> None:
+    """Fail in seconds when `path` names a local folder that does not exist. A hub id has the form org/name; any
+    other path (runs/rm-cpu-arith/final, ./x, /x) must be a folder, or transformers would fail later with a
+    repo-id error. A `runs/` reward model comes from train_rm.py."""
+    if not os.path.isdir(path) and (path.count("/") != 1 or path.startswith((".", "/"))):
+        hint = " (train it first with train_rm.py)" if flag == "--reward-model" else ""
+        raise ValueError(f"{flag} {path}: no such folder{hint}")
+
+
+def check_context_length(model_path: str, needed: int, what: str) -> None:
+    """Fail in seconds, before any weights load, when `needed` tokens exceed the model's context.
+
+    vLLM would otherwise reject max_model_len after a minute of loading, with a pydantic traceback."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    config = getattr(config, "text_config", None) or config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and needed > limit:
+        raise ValueError(
+            f"{model_path}: its context is {limit} tokens (config.json max_position_embeddings), but {what} "
+            f"need {needed}. Lower those flags so they add up to at most {limit}."
+        )
+
+
+def cli(args_class, presets: dict, description: str, argv=None):
+    """tyro CLI whose defaults come from `--preset NAME` (the first preset by default); later flags override it."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = next(iter(presets))
+    for k, a in enumerate(argv):
+        if a == "--preset" and k + 1 < len(argv):
+            preset = argv[k + 1]
+        elif a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+    if preset not in presets:
+        raise SystemExit(f"--preset must be one of {list(presets)}, got {preset!r}")
+    return tyro.cli(args_class, default=presets[preset], args=argv, description=description)
+
+
+def start_run(args, check_args) -> tuple:
+    """The Accelerator for the launched backend (`make_accelerator`), `check_args(args, num_processes)` before
+    anything is written or loaded, seeds, and rank 0's TensorBoard writer (mirrored to wandb with --track).
+    Returns (accelerator, log, writer); other ranks get a no-op log and no writer."""
+    import dataclasses
+
+    from accelerate.utils import set_seed
+    from torch.utils.tensorboard import SummaryWriter
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        batching.keep_freed_memory()  # before the big allocations
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and not cpu)
+    accelerator = distributed.make_accelerator(use_bf16, args.max_grad_norm)
+    notes = check_args(args, accelerator.num_processes) or []
+    check_fresh_output_dir(args.output_dir, args.resume)
+    set_seed(args.seed)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    for note in notes:
+        log(f"note: {note}")
+    writer = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        config = dataclasses.asdict(args)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project, name=args.exp_name, config=config, sync_tensorboard=True)
+        writer = SummaryWriter(args.output_dir)
+        writer.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    return accelerator, log, writer
+
+
+RUN_FILES = ("rollouts.jsonl", "events.out.tfevents.*", "checkpoint-*", ".tmp-checkpoint-*", "final")
+
+
+def check_fresh_output_dir(output_dir: str, resume: bool) -> None:
+    """A run owns its output directory: a new run (no --resume) refuses a folder that already holds another run's
+    files, instead of appending to its rollouts.jsonl and TensorBoard logs and overwriting its checkpoints."""
+    found = sorted({os.path.basename(p) for pattern in RUN_FILES for p in glob.glob(os.path.join(output_dir, pattern))})
+    if found and not resume:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise SystemExit(f"--output-dir {output_dir} already holds a run ({shown}). Pass --resume to continue that "
+                         "run, or a new --output-dir for a new one: a run never appends to or overwrites another "
+                         "run's files.")  # fmt: skip
+
+
+def list_checkpoints(output_dir: str) -> list:
+    """Complete checkpoints, oldest first (a checkpoint only exists once its rename has happened)."""
+    return sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, keep_last: int, extra_state=None):
+    """HF folder (vLLM and evaluate.py load it) + Accelerate state (optimizer, scheduler, RNG), atomically,
+    under any backend (sharded weights are gathered to rank 0). `trainer_state/step.json` holds the step and
+    any `extra_state` (e.g. a data cursor)."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; full on rank 0
+    accelerator.save_state(os.path.join(tmp, "trainer_state"))  # every rank writes its own RNG file
+    accelerator.wait_for_everyone()  # ... before rank 0 renames the folder under it
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "trainer_state", "step.json"), "w") as f:
+            json.dump({"step": step, **(extra_state or {})}, f)
+        if os.path.exists(final):  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator, output_dir: str, log=print) -> dict:
+    """Load model, optimizer, scheduler and RNG state from the newest checkpoint in `output_dir` and return its
+    step.json ({"step": 0} without one). Rows of rollouts.jsonl from the steps the resumed run redoes are dropped,
+    so the file reads as one uninterrupted run."""
+    if not list_checkpoints(output_dir):
+        return {"step": 0}
+    ckpt = list_checkpoints(output_dir)[-1]
+    accelerator.load_state(os.path.join(ckpt, "trainer_state"))
+    with open(os.path.join(ckpt, "trainer_state", "step.json")) as f:
+        saved = json.load(f)
+    rollouts = os.path.join(output_dir, "rollouts.jsonl")
+    if accelerator.is_main_process and os.path.exists(rollouts):
+        with open(rollouts) as f:
+            kept = [line for line in f if json.loads(line)["step"] < saved["step"]]
+        with open(rollouts, "w") as f:
+            f.writelines(kept)
+    log(f"resumed from {ckpt} at step {saved['step']}")
+    return saved
+
+
+def reward_trend(rollouts_path: str, windows: int = 6) -> str:
+    """Mean reward over equal windows of steps, read back from rollouts.jsonl (so it spans resumes)."""
+    by_step = {}
+    with open(rollouts_path) as f:
+        for line in f:
+            r = json.loads(line)
+            by_step.setdefault(r["step"], []).append(r["reward"])
+    steps = sorted(by_step)
+    size = max(1, math.ceil(len(steps) / windows))
+    chunks = [steps[k : k + size] for k in range(0, len(steps), size)]
+    parts = [
+        f"steps {c[0] + 1}-{c[-1] + 1}: {sum(xs := [x for s in c for x in by_step[s]]) / len(xs):+.4f}" for c in chunks
+    ]
+    return "reward trend | " + " | ".join(parts)
+
+
+def write_rollouts(
+    file, step: int, rows: list, responses: list, scores: list, rewards, truncated: list, outcomes: list
+) -> None:
+    """One JSON line per sample: the judge's raw `score`, its `outcome` for rule rows (reward.compute_rewards:
+    "pass: 3/3 passed", "timeout: ...", math's "no_answer", ...) and the shaped `reward` (eq. 7) the advantages used."""
+    for i, response in enumerate(responses):
+        record = {"step": step, "prompt": rows[i]["prompt"], "completion": response, "score": scores[i]}
+        record |= {"outcome": outcomes[i]} if outcomes[i] else {}
+        record |= {"reward": float(rewards[i]), "finish_reason": "length" if truncated[i] else "stop"}
+        file.write(json.dumps(record) + "\n")
+    file.flush()
+
+
+def train_metrics(sums: dict, grad_norms: list, scheduler, accelerator, tis: bool, kl: bool) -> dict:
+    """losses/ and policy/ metrics of one step's update, from train_on_batch's per-rank sums."""
+    sums = {k: accelerator.reduce(v, "sum") for k, v in sums.items()}
+    tok = sums["tokens"].clamp(min=1)
+    metrics = {
+        "charts/learning_rate": scheduler.get_last_lr()[0],
+        "losses/policy_loss": float(sums["loss"]) / max(len(grad_norms), 1),
+        "losses/entropy": float(sums["entropy"] / tok),
+        "losses/grad_norm": sum(grad_norms) / len(grad_norms),
+        "policy/clipfrac": float(sums["clipfrac"] / tok),
+        "policy/ratio_mean": float(sums["ratio"] / tok),
+        # KL(pi_old || pi) estimated from the ratios (CleanRL's): k3 = (r - 1) - log r, and the plain -log r
+        "policy/approx_kl": float(sums["approx_kl"] / tok),
+        "policy/old_approx_kl": float(sums["old_approx_kl"] / tok),
+    }
+    if tis:
+        metrics["policy/tis_weight_mean"] = float(sums["tis_weight"] / tok)
+    if kl:
+        metrics["losses/kl"] = float(sums["kl"] / tok)
+    return metrics
+
+
+def completion_metrics(completion_ids: list, truncated: list, eos_ids: list, tokenizer, accelerator) -> dict:
+    """completions/ metrics over all ranks: mean length, share cut at max_new_tokens, share ending on each stop id."""
+    lengths = accelerator.gather(torch.tensor([len(c) for c in completion_ids], device=accelerator.device).float())
+    clipped = accelerator.gather(torch.tensor(truncated, device=accelerator.device).float())
+    stops = torch.tensor([sum(c[-1:] == [e] for c in completion_ids) for e in eos_ids], device=accelerator.device)
+    stops = (accelerator.reduce(stops.float(), "sum") / len(lengths)).tolist()
+    metrics = {"completions/mean_length": float(lengths.mean()), "completions/clipped_ratio": float(clipped.mean())}
+    metrics |= {f"completions/stop_{tokenizer.convert_ids_to_tokens(e)}": n for e, n in zip(eos_ids, stops)}
+    return metrics | {"completions/tokens": float(lengths.sum())}
