@@ -34,7 +34,8 @@ def make_accelerator(use_bf16: bool, max_grad_norm: float) -> Accelerator:
     - DeepSpeed: `prepare` without a dataloader needs an integer train_micro_batch_size_per_gpu (we feed our
       own micro-batches; the value only feeds DeepSpeed's throughput log), DeepSpeed clips inside its own
       engine step with its config's gradient_clipping, which accelerate fills with 1.0 unless we set it, and
-      with bf16 its gradient reductions run in fp32 (communication_data_type).
+      with bf16 its gradient reductions run in fp32 (communication_data_type) and, under ZeRO-3, gradients
+      accumulate over micro-batches in fp32 (data_types.grad_accum_dtype; ZeRO-2 cannot, see below).
     - FSDP2: gradients are reduced in fp32, as verl does (`reduce_dtype` in verl/workers/fsdp_workers.py);
       accelerate's bf16 policy would reduce them in bf16.
     - CPU: with `cpu=True` accelerate silently drops a DeepSpeed plugin and wraps the model in DDP, so a
@@ -71,6 +72,12 @@ def make_accelerator(use_bf16: bool, max_grad_norm: float) -> Accelerator:
         plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
         if use_bf16:  # reduce gradients in fp32, as the FSDP2 policy below does (DeepSpeed would use bf16)
             plugin.deepspeed_config["communication_data_type"] = "fp32"
+        if use_bf16 and plugin.zero_stage == 3:
+            # accumulate gradients over micro-batches in fp32 (docs/gpu.md budgets fp32 gradients): ZeRO-3 sizes
+            # its gradient partitions by data_types.grad_accum_dtype (deepspeed/runtime/zero/stage3.py,
+            # grad_partitions_flat_buffer). ZeRO-2 cannot: it keeps its partition in the parameter dtype whatever
+            # this says (stage_1_and_2.py, grads_in_partition), so under ZeRO-2 + bf16 they accumulate in bf16.
+            plugin.deepspeed_config.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)
     if fsdp is not None and use_bf16:
         from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -144,8 +144,26 @@ def every_rank():
     acc.end_training()
 
 
+def deepspeed_config():
+    """The DeepSpeed config make_accelerator leaves for a bf16 run (the precision flag comes from the launch)."""
+    acc = distributed.make_accelerator(True, 0.5)
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    keys = ("data_types", "communication_data_type", "gradient_clipping", "train_micro_batch_size_per_gpu")
+    out = {
+        "rank": acc.process_index,
+        "stage": acc.state.deepspeed_plugin.zero_stage,
+        **{k: config.get(k) for k in keys},
+    }
+    layer = torch.nn.Linear(64, 64)
+    model, _ = acc.prepare(layer, torch.optim.AdamW(layer.parameters()))
+    out["engine_grad_accum_dtype"] = str(model.optimizer.gradient_accumulation_dtype)  # what the engine really uses
+    report(out)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--every-rank":
+    if sys.argv[1] == "--deepspeed-config":
+        deepspeed_config()
+    elif sys.argv[1] == "--every-rank":
         every_rank()
     elif sys.argv[1] == "--fsdp-loading":
         fsdp_loading(sys.argv[2])

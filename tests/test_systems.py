@@ -27,6 +27,19 @@ def checks(stdout: str) -> dict:
     return {r["rank"]: r for r in reports}
 
 
+@pytest.mark.parametrize("config, accum", [("deepspeed_zero3", "torch.float32"), ("deepspeed_zero2", "torch.bfloat16")])
+def test_deepspeed_bf16_reduces_in_fp32_and_zero3_accumulates_in_fp32(config, accum):
+    """A bf16 launch: gradient reductions in fp32, the flag's clip norm, and under ZeRO-3 gradients accumulated
+    over micro-batches in fp32, as the engine itself reports (before #25: bfloat16, seen failing). ZeRO-2 keeps
+    its gradient partition in the parameter dtype whatever the config says: docs/gpu.md states it."""
+    cmd = [*launch(config)[:-1], "bf16", "tests/distributed_check.py", "--deepspeed-config"]
+    r = checks(run_script(cmd, timeout=300).stdout)
+    assert set(r) == {0, 1}
+    for rank in r.values():
+        assert rank["communication_data_type"] == "fp32" and rank["gradient_clipping"] == 0.5
+        assert rank["engine_grad_accum_dtype"] == accum
+
+
 @pytest.mark.parametrize("config", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_backend_plumbing_on_two_ranks(config, tiny_models):
     """One update through each backend: frozen models whole, lockstep micro-batches, synced HF decoding,
