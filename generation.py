@@ -76,7 +76,7 @@ def generate_vllm(
             logprobs=0,
             stop_token_ids=stop_ids,
             ignore_eos=False,
-            skip_special_tokens=True,
+            detokenize=False,  # only token ids are used: no detokenizing in the engine loop
         )
         for s in seeds
     ]
