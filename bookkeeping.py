@@ -41,6 +41,28 @@ def check_context_length(model_path: str, needed: int, what: str) -> None:
         )
 
 
+def rl_flag_notes(args) -> list:
+    """The RL stages' loss and sampling flags: refuse what cannot work (a negative coefficient, a KL estimator
+    without --kl-coef, an overlong buffer outside (0, --max-new-tokens)); return notes on what is valid but cannot
+    act (the clip with one update per batch, TIS without vLLM), which rank 0 prints at start-up."""
+    for flag in ("kl_coef", "entropy_coef", "tis_cap", "overlong_penalty", "clip_eps_low", "clip_eps_high"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative")
+    if args.kl_coef == 0 and args.kl_estimator != "k3":
+        raise ValueError(f"--kl-estimator {args.kl_estimator} does nothing without --kl-coef > 0 (eq. 4)")
+    if args.overlong == "penalty" and not 0 < args.overlong_buffer < args.max_new_tokens:
+        raise ValueError(f"--overlong-buffer {args.overlong_buffer} must lie in (0, --max-new-tokens "
+                         f"{args.max_new_tokens}): the penalty ramps over the last buffer tokens (eq. 7)")  # fmt: skip
+    notes = []
+    if args.num_minibatches * args.ppo_epochs == 1:
+        notes.append("one update per rollout batch (--num-minibatches 1, --ppo-epochs 1): the update is on-policy, "
+                     "the ratio pi/pi_old is exactly 1, so the clip (eq. 2, --clip-eps-low/high) never acts and "
+                     "policy/clipfrac stays 0")  # fmt: skip
+    if args.tis_cap > 0 and not args.use_vllm:
+        notes.append("--tis-cap acts on vLLM samples only: with --no-use-vllm the trainer samples, the TIS weight is 1")
+    return notes
+
+
 def cli(args_class, presets: dict, description: str, argv=None):
     """tyro CLI whose defaults come from `--preset NAME` (the first preset by default); later flags override it."""
     import tyro

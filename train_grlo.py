@@ -232,14 +232,6 @@ def check_args(args: Args, world: int) -> list:
     notes on settings that are valid but cannot act, which rank 0 prints at start-up."""
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must divide by {world} processes")
-    for flag in ("kl_coef", "entropy_coef", "tis_cap", "overlong_penalty", "clip_eps_low", "clip_eps_high"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative")
-    if args.kl_coef == 0 and args.kl_estimator != "k3":
-        raise ValueError(f"--kl-estimator {args.kl_estimator} does nothing without --kl-coef > 0 (eq. 4)")
-    if args.overlong == "penalty" and not 0 < args.overlong_buffer < args.max_new_tokens:
-        raise ValueError(f"--overlong-buffer {args.overlong_buffer} must lie in (0, --max-new-tokens "
-                         f"{args.max_new_tokens}): the penalty ramps over the last buffer tokens (eq. 7)")  # fmt: skip
     bookkeeping.check_model_path("--model", args.model)
     flags = f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {args.max_new_tokens}"
     bookkeeping.check_context_length(args.model, args.max_prompt_length + args.max_new_tokens, flags)
@@ -249,14 +241,7 @@ def check_args(args: Args, world: int) -> list:
             f"--share-prompt puts a prompt and its {args.num_generations} completions in one row of up to {row} "
             f"tokens, over --token-budget {args.token_budget}; drop --share-prompt or raise the budget"
         )
-    notes = []
-    if args.num_minibatches * args.ppo_epochs == 1:
-        notes.append("one update per rollout batch (--num-minibatches 1, --ppo-epochs 1): the update is on-policy, "
-                     "the ratio pi/pi_old is exactly 1, so the clip (eq. 2, --clip-eps-low/high) never acts and "
-                     "policy/clipfrac stays 0")  # fmt: skip
-    if args.tis_cap > 0 and not args.use_vllm:
-        notes.append("--tis-cap acts on vLLM samples only: with --no-use-vllm the trainer samples, the TIS weight is 1")
-    return notes
+    return bookkeeping.rl_flag_notes(args)
 
 
 # ---- 1. data ----
