@@ -402,6 +402,12 @@ def old_and_ref_logprobs(model, ref_model, accelerator, args: Args, prompt_ids, 
     return old_lp, ref_lp
 
 
+def draw_minibatches(n: int, mb_size: int, seed: int, step: int, epoch: int) -> list:
+    """Samples 0..n-1 in mini-batches of mb_size (each in index order), a new draw for each (seed, step, epoch)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch))
+    return [sorted(order[k : k + mb_size].tolist()) for k in range(0, n, mb_size)]
+
+
 def train_on_batch(
     model, ref_model, optimizer, scheduler, accelerator, args: Args, samples, advantages, loss_mask_seq, pad_id, step
 ):
@@ -421,57 +427,56 @@ def train_on_batch(
         old_lp, ref_lp = old_and_ref_logprobs(model, ref_model, accelerator, args, prompt_ids, completion_ids, pad_id)
     keys = ("loss", "clipfrac", "ratio", "approx_kl", "old_approx_kl", "tis_weight", "kl", "entropy", "tokens")
     sums, grad_norms = {k: torch.zeros((), device=device) for k in keys}, []
-    bar = tqdm(total=args.ppo_epochs * math.ceil(n / mb_size), desc="update", leave=False,
-               disable=not accelerator.is_main_process)  # fmt: skip
-    for epoch in range(args.ppo_epochs):
-        # new mini-batches each epoch, drawn from (seed, step, epoch) only: the same after a resume
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009 + epoch))
-        minibatches = [sorted(order[k : k + mb_size].tolist()) for k in range(0, n, mb_size)]
-        for mb in minibatches:
-            # global counts (summed over ranks) of the samples IN the loss, for the eq. 6 weights: a sample masked
-            # by --overlong mask drops out of the denominators too, as if it had not been sampled
-            counts = torch.stack([loss_mask_seq[mb].sum(), sum(len(completion_ids[i]) * loss_mask_seq[i] for i in mb)])
-            num_seqs, num_tokens = accelerator.reduce(counts.float(), "sum").clamp(min=1).tolist()
-            micro = batching.make_microbatches(prompt_ids, completion_ids, args.token_budget, group, indices=mb)
-            micro = distributed.lockstep(micro, accelerator)  # every rank runs as many forwards and backwards
-            for k, m in enumerate(micro):
-                b = batching.collate(m, prompt_ids, completion_ids, pad_id, device, group)
-                C, last = b["completion_ids"].shape[1], k == len(micro) - 1
-                # gradients all-reduce (DDP) and DeepSpeed steps its engine on the last micro-batch only
-                accelerator.gradient_state._set_sync_gradients(last)
-                with distributed.no_sync(model, accelerator, last):
-                    with accelerator.autocast():
-                        logprobs, entropy = batching.completion_logprobs(model, b, args.temperature)  # (b, C)
-                    old = batching.pad_values(old_lp, m, C, device) if old_lp is not None else logprobs.detach()
-                    ref = batching.pad_values(ref_lp, m, C, device) if ref_model is not None else None
-                    samp = batching.pad_values(sampler_logprobs, m, C, device) if sampler_logprobs is not None else None
-                    per_token, stats = policy_loss(logprobs, old, advantages[m], args, samp, ref, entropy)
-                    mask = b["completion_mask"] * loss_mask_seq[m][:, None]  # (b, C); 0 on prompt/pad tokens
-                    weights = token_weights(mask, args.loss_agg, num_seqs, num_tokens, args.max_new_tokens)
-                    # DDP averages gradients over ranks; the weights already divide by GLOBAL counts, so undo it
-                    loss = (per_token * weights).sum() * world
-                    accelerator.backward(loss)
-                with torch.no_grad():  # statistics over the tokens in the loss
-                    sums["loss"] += loss.detach() / world
-                    sums["tokens"] += mask.sum()
-                    sums["entropy"] += (entropy.detach() * mask).sum()
-                    for key in stats:
-                        sums[key] += (stats[key] * mask).sum()
-            grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-            if not torch.isfinite(grad_norm):  # nothing of this step is saved; say where to restart from
-                last = (bookkeeping.list_checkpoints(args.output_dir) or ["(none)"])[-1]
-                what = "this update was not applied"
-                if distributed.steps_inside_backward(accelerator):  # DeepSpeed steps its engine inside backward
-                    what = "DeepSpeed's engine already applied this update; the weights in memory are suspect"
-                raise FloatingPointError(
-                    f"non-finite gradient norm ({grad_norm}); {what}. Nothing of this step was saved; the last good "
-                    f"checkpoint is {last}. Check the rewards, lower --learning-rate or use fp32."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            grad_norms.append(float(grad_norm))
-            bar.update()
+    # ppo_epochs passes over the batch, each in new mini-batches drawn from (seed, step, epoch): the same on resume
+    minibatches = [
+        mb for epoch in range(args.ppo_epochs) for mb in draw_minibatches(n, mb_size, args.seed, step, epoch)
+    ]
+    bar = tqdm(total=len(minibatches), desc="update", leave=False, disable=not accelerator.is_main_process)
+    for mb in minibatches:
+        # global counts (summed over ranks) of the samples IN the loss, for the eq. 6 weights: a sample masked
+        # by --overlong mask drops out of the denominators too, as if it had not been sampled
+        counts = torch.stack([loss_mask_seq[mb].sum(), sum(len(completion_ids[i]) * loss_mask_seq[i] for i in mb)])
+        num_seqs, num_tokens = accelerator.reduce(counts.float(), "sum").clamp(min=1).tolist()
+        micro = batching.make_microbatches(prompt_ids, completion_ids, args.token_budget, group, indices=mb)
+        micro = distributed.lockstep(micro, accelerator)  # every rank runs as many forwards and backwards
+        for k, m in enumerate(micro):
+            b = batching.collate(m, prompt_ids, completion_ids, pad_id, device, group)
+            C, last = b["completion_ids"].shape[1], k == len(micro) - 1
+            # gradients all-reduce (DDP) and DeepSpeed steps its engine on the last micro-batch only
+            accelerator.sync_gradients = last  # accelerate's public setter
+            with distributed.no_sync(model, accelerator, last):
+                with accelerator.autocast():
+                    logprobs, entropy = batching.completion_logprobs(model, b, args.temperature)  # (b, C)
+                old = batching.pad_values(old_lp, m, C, device) if old_lp is not None else logprobs.detach()
+                ref = batching.pad_values(ref_lp, m, C, device) if ref_model is not None else None
+                samp = batching.pad_values(sampler_logprobs, m, C, device) if sampler_logprobs is not None else None
+                per_token, stats = policy_loss(logprobs, old, advantages[m], args, samp, ref, entropy)
+                mask = b["completion_mask"] * loss_mask_seq[m][:, None]  # (b, C); 0 on prompt/pad tokens
+                weights = token_weights(mask, args.loss_agg, num_seqs, num_tokens, args.max_new_tokens)
+                # DDP averages gradients over ranks; the weights already divide by GLOBAL counts, so undo it
+                loss = (per_token * weights).sum() * world
+                accelerator.backward(loss)
+            with torch.no_grad():  # statistics over the tokens in the loss
+                sums["loss"] += loss.detach() / world
+                sums["tokens"] += mask.sum()
+                sums["entropy"] += (entropy.detach() * mask).sum()
+                for key in stats:
+                    sums[key] += (stats[key] * mask).sum()
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        if not torch.isfinite(grad_norm):  # nothing of this step is saved; say where to restart from
+            last = (bookkeeping.list_checkpoints(args.output_dir) or ["(none)"])[-1]
+            what = "this update was not applied"
+            if distributed.steps_inside_backward(accelerator):  # DeepSpeed steps its engine inside backward
+                what = "DeepSpeed's engine already applied this update; the weights in memory are suspect"
+            raise FloatingPointError(
+                f"non-finite gradient norm ({grad_norm}); {what}. Nothing of this step was saved; the last good "
+                f"checkpoint is {last}. Check the rewards, lower --learning-rate or use fp32."
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        grad_norms.append(float(grad_norm))
+        bar.update()
     bar.close()
     return sums, grad_norms
 

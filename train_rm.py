@@ -342,7 +342,7 @@ def main(args: Args):
         sums = torch.zeros(3, device=device)  # loss, correct, margin, summed over this rank's pairs
         for k, m in enumerate(tqdm(micro, desc="update", leave=False, disable=not accelerator.is_main_process)):
             last = k == len(micro) - 1
-            accelerator.gradient_state._set_sync_gradients(last)  # DDP all-reduce, DeepSpeed step: last only
+            accelerator.sync_gradients = last  # DDP all-reduce, DeepSpeed step: last only (public setter)
             with distributed.no_sync(model, accelerator, last):
                 with accelerator.autocast():
                     r_chosen, r_rejected = pair_scores(model, pairs, m, rm.pad_id, device)  # (b,) each
