@@ -173,7 +173,7 @@ def test_bf16_logits_are_not_copied_to_fp32(tiny_models):
     build_policy drops that cast, and the logits stay in the autocast dtype."""
     code = f"""
 import sys; sys.path.insert(0, {ROOT!r})
-import torch, systems, train_grlo as tg
+import torch, distributed, train_grlo as tg
 args = tg.Args(model={tiny_models["policy"]!r}, gradient_checkpointing=False, share_prompt=False)
 acc = distributed.make_accelerator(use_bf16=True, max_grad_norm=1.0)
 model, _, _ = tg.build_policy(args, acc, max_steps=1)
@@ -185,16 +185,17 @@ with acc.autocast():
 
 def test_make_accelerator_keeps_a_single_process_plain():
     """No launcher: no process group, no plugin (the CPU quick start and every single-GPU command)."""
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); import systems; a = distributed.make_accelerator(False, 1.0); print('BACKEND', distributed.backend(a))"
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import distributed; a = distributed.make_accelerator(False, 1.0); print('BACKEND', distributed.backend(a))"
     assert "BACKEND single" in run_script([PY, "-c", code]).stdout
 
 
-def test_importing_systems_has_no_side_effects():
+def test_importing_the_helper_modules_has_no_side_effects():
     assert (
         distributed.DIST_TIMEOUT.total_seconds() >= 3600
     )  # long rollouts and checkpoint gathers fit in one collective
-    # importing systems imports neither deepspeed nor vLLM
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); import systems; print(sorted(m for m in ('deepspeed', 'vllm') if m in sys.modules))"
+    # importing the helper modules imports neither deepspeed nor vLLM
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import batching, bookkeeping, distributed, generation; "
+            "print(sorted(m for m in ('deepspeed', 'vllm') if m in sys.modules))")  # fmt: skip
     assert run_script([PY, "-c", code]).stdout.strip().endswith("[]")
 
 
@@ -202,7 +203,7 @@ def test_warmup_applies_to_the_default_constant_schedule(tiny_models):
     """`get_scheduler("constant")` ignores warmup; build_policy uses constant_with_warmup for --lr-scheduler constant."""
     code = f"""
 import sys; sys.path.insert(0, {ROOT!r})
-import systems, train_grlo as tg
+import distributed, train_grlo as tg
 args = tg.Args(model={tiny_models["policy"]!r}, gradient_checkpointing=False, learning_rate=1e-3, warmup_steps=2,
                num_minibatches=1, lr_scheduler="constant")
 _, optimizer, scheduler = tg.build_policy(args, distributed.make_accelerator(False, 1.0), max_steps=5)
