@@ -83,7 +83,7 @@ def main(policy: str, rm_path: str):
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], device=acc.device)
     samples = (prompt_ids, completion_ids, None)
     sums, grad_norms = tg.train_on_batch(model, ref, optimizer, scheduler, acc, args, samples, advantages,
-                                         torch.ones(4, device=acc.device), pad_id=0)  # fmt: skip
+                                         torch.ones(4, device=acc.device), pad_id=0, step=0)  # fmt: skip
     plain_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
     plain = get_scheduler("linear", plain_opt, args.warmup_steps * 2, 3 * 2)  # what one process steps
     for _ in range(len(grad_norms)):
