@@ -71,6 +71,8 @@ def test_dynamic_sampling_refills_then_tops_up(tmp_path, tiny_models):
         signal = [max(g) > min(g) for g in groups]
         assert signal == sorted(signal, reverse=True)  # groups with signal come first
         assert ev["rewards/batch_signal_frac"][step] == sum(signal) / 8
+    rows = [json.loads(line) for line in open(out / "rollouts.jsonl")]  # each verified sample says why (#22)
+    assert all(r["outcome"] in ("ok", "no_answer") for r in rows) and {"ok", "no_answer"} & {r["outcome"] for r in rows}
     # open-ended prompts scored by the reward model: every group has signal, one round suffices, and the
     # reward model is loaded because rows ask for it
     out = tmp_path / "rm"
