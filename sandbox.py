@@ -472,8 +472,9 @@ CGROUP_SLACK_MB = 64  # for the launcher's shell and mounts, on top of memory_mb
 def _cgroup_parents() -> tuple[list[str], str]:
     """Where each run's cgroup goes, and the reason when nowhere. cgroup v1 (the `memory` and `pids`
     hierarchies): a child of this process's own group in each, as root. cgroup v2: a child of
-    $GRLO_SANDBOX_CGROUP, else of this process's own group, when that group already enables memory and pids
-    for its children (cgroup.subtree_control) and we may create groups there (see docs/reward.md)."""
+    $GRLO_SANDBOX_CGROUP, else of this process's own group, else (root) of /sys/fs/cgroup/grlo-sandbox, made
+    here: the first that enables memory and pids for its children and where we may create groups. The caller
+    (sandbox_caps) uses it only if a probe program really runs inside such a group."""
     own = {}
     with contextlib.suppress(OSError):
         with open("/proc/self/cgroup") as f:
@@ -490,16 +491,26 @@ def _cgroup_parents() -> tuple[list[str], str]:
         if all(os.access(d, os.W_OK) for d in parents):
             return parents, ""
         return [], "cgroup v1: no write access to " + " or ".join(parents)
-    parent = os.environ.get("GRLO_SANDBOX_CGROUP") or os.path.join("/sys/fs/cgroup", own.get("", "/").lstrip("/"))
-    try:
-        with open(os.path.join(parent, "cgroup.subtree_control")) as f:
-            enabled = f.read().split()
-    except OSError:
-        return [], f"no cgroup v1 memory+pids hierarchies and no cgroup v2 group at {parent}"
-    if not {"memory", "pids"} <= set(enabled) or not os.access(parent, os.W_OK):
-        return [], (f"cgroup v2 group {parent} does not enable memory and pids for children we can create "
-                    "(set GRLO_SANDBOX_CGROUP to one that does)")  # fmt: skip
-    return [parent], ""
+    if os.environ.get("GRLO_SANDBOX_CGROUP"):
+        candidates = [os.environ["GRLO_SANDBOX_CGROUP"]]
+    else:
+        candidates = [os.path.join("/sys/fs/cgroup", own.get("", "/").lstrip("/"))]
+        if os.geteuid() == 0 and os.path.isfile("/sys/fs/cgroup/cgroup.controllers"):
+            # root on cgroup v2: a group of our own beside the others, with no processes in it, so that it may
+            # enable memory and pids for its children (v2 forbids that to a group holding processes)
+            mine = "/sys/fs/cgroup/grlo-sandbox"
+            with contextlib.suppress(OSError):
+                os.makedirs(mine, exist_ok=True)
+                with open(os.path.join(mine, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory +pids")
+            candidates.append(mine)
+    for parent in candidates:
+        with contextlib.suppress(OSError):
+            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                if {"memory", "pids"} <= set(f.read().split()) and os.access(parent, os.W_OK):
+                    return [parent], ""
+    return [], (f"no cgroup v1 memory+pids hierarchies, and no cgroup v2 group among {candidates} enables memory "
+                "and pids for children we can create (set GRLO_SANDBOX_CGROUP to one that does)")  # fmt: skip
 
 
 def _cgroup_create(caps: dict, memory_mb: int) -> list[str]:

@@ -295,3 +295,19 @@ def test_the_host_survives_and_every_bound_holds():
         time.sleep(0.2)
     assert not key_users().get(uid), f"keys of throw-away uid {uid} stayed in the kernel"
     libc.syscall(250, 21, key)  # KEYCTL_INVALIDATE our test key
+
+
+def test_cgroup_v2_parent_selection(tmp_path, monkeypatch):
+    """Without the v1 hierarchies, a v2 parent is used only if it enables memory and pids for its children
+    (our machines are v1: this checks the choice, not the kernel; sandbox_caps then probes it for real)."""
+    real_isfile = os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda p: False if p.startswith("/sys/fs/cgroup/") else real_isfile(p))
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for d, controllers in ((good, "cpu memory pids"), (bad, "cpu io")):
+        d.mkdir()
+        (d / "cgroup.subtree_control").write_text(controllers + "\n")
+    monkeypatch.setenv("GRLO_SANDBOX_CGROUP", str(good))
+    assert sandbox._cgroup_parents() == ([str(good)], "")
+    monkeypatch.setenv("GRLO_SANDBOX_CGROUP", str(bad))
+    parents, why = sandbox._cgroup_parents()
+    assert parents == [] and "enables memory and pids" in why and str(bad) in why
