@@ -18,6 +18,9 @@ What a sandboxed program gets (full isolation, the "root" and "user" modes below
 
 Modes, chosen once by `sandbox_caps` (which runs a probe program through each):
 - "root": the caller is root: mount + network + PID namespaces, then a throw-away uid in a user namespace;
+- "root-plain": the same where a throw-away uid may not create a user namespace (unprivileged user namespaces
+  disabled or restricted): the throw-away uid without one, so nested user namespaces are not forbidden (they
+  are not allowed to it either there) and its user keyrings outlive the run;
 - "user": an unprivileged caller (or root without CAP_SYS_ADMIN, as in many containers): the same namespaces
   inside a user namespace (`unshare --user`), every capability dropped before the program starts;
 - "uid": root, but no namespaces here: only the throw-away uid (it cannot touch the caller's files, but it
@@ -63,6 +66,8 @@ TMPFS_MB = 64  # each of the program's three in-memory filesystems: its director
 SANDBOX_UID_BASE, SANDBOX_UID_SPAN = 3_000_000_000, 1 << 24
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 DEVICES = ("null", "zero", "full", "random", "urandom")
+ROOT_MODES = ("root", "root-plain")  # a throw-away uid per run, in namespaces
+ISOLATED_MODES = ("root", "root-plain", "user")  # mount, network and PID namespaces
 PROGRAM_DIR = "/sandbox"  # inside the sandbox: the program's fresh working directory and HOME
 
 
@@ -181,8 +186,8 @@ _BOOT = (
 
 
 def _command(caps: dict, workdir: str, uid: int | None, timeout_s: float, memory_mb: int, cgroups: list[str]):
-    """The full argv that runs main.py (cwd: the program's dir) under the layers in `caps`, and whether the
-    caller must set the rlimits itself (degraded mode, which has no prlimit)."""
+    """The full argv that runs main.py (cwd: the program's dir) under the layers in `caps`. Degraded mode has no
+    prlimit: there the caller sets the rlimits (`_limit_resources`)."""
     python = [sys.executable, "-I"] + (["-c", _BOOT.format(nr=_KEYCTL_NR)] if _KEYCTL_NR else ["main.py"])
     if caps["mode"] == "degraded":
         return python
@@ -195,6 +200,9 @@ def _command(caps: dict, workdir: str, uid: int | None, timeout_s: float, memory
     if caps["mode"] == "user":  # the namespaces' root is the caller's uid, with no power outside them
         final = [*prlimit, *_setpriv_cmd(caps["setpriv"], None), *python]
         flags = ["--user", "--map-root-user"]
+    elif caps["mode"] == "root-plain":  # root where a throw-away uid may not make a user namespace
+        final = [*prlimit, *_setpriv_cmd(caps["setpriv"], uid), *python]
+        flags = []
     else:
         # root: the throw-away uid enters a user namespace of its own (it is root there, nowhere else), forbids
         # nested ones (a nested namespace would give a program its capabilities back), then drops every
@@ -204,7 +212,7 @@ def _command(caps: dict, workdir: str, uid: int | None, timeout_s: float, memory
                  "/bin/sh", "-c", f"set -e\necho 0 > /proc/sys/user/max_user_namespaces\nexec {inner}"]  # fmt: skip
         flags = []
     flags += ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
-    owner = uid if caps["mode"] == "root" else 0
+    owner = uid if caps["mode"] in ROOT_MODES else 0
     setup = _setup_script(workdir, final, caps, owner, cgroups, caps["mode"] == "user")
     return [caps["unshare"], *flags, "--", "/bin/sh", "-c", setup]
 
@@ -226,7 +234,7 @@ def sandbox_caps() -> dict:
         caps = {"mode": "degraded", **tools}
         why = f"missing tools: {', '.join(missing)}" if missing else ""
         # as root, a user namespace is the fallback (no CAP_SYS_ADMIN in a container), then the uid alone
-        modes = ["root", "user", "uid"] if os.geteuid() == 0 else ["user"]
+        modes = ["root", "root-plain", "user", "uid"] if os.geteuid() == 0 else ["user"]
         for mode in [m for m in modes if not missing or (m == "uid" and tools["setpriv"] and tools["prlimit"])]:
             result = _run({**caps, "mode": mode}, "print('ok')", "", 30.0, 256)
             if result.ok and result.stdout == "ok\n":
@@ -235,7 +243,7 @@ def sandbox_caps() -> dict:
             why += f"{'; ' if why else ''}the {mode}-mode probe failed: {result.stderr.strip()[-300:] or result.returncode}"
         caps["why"] = why
         caps["cgroup"], caps["cgroup_why"] = [], "no namespaces"
-        if caps["mode"] in ("root", "user"):
+        if caps["mode"] in ISOLATED_MODES:
             parents, caps["cgroup_why"] = _cgroup_parents()
             if parents:  # counts only if a probe program really runs inside the group
                 result = _run({**caps, "cgroup": parents}, "print(open('/proc/self/cgroup').read())", "", 30.0, 256)
@@ -283,7 +291,7 @@ def self_check() -> dict:
 
 def memory_bound(caps: dict, memory_mb: int = 1024) -> str:
     """What bounds one program's memory here, in words, with the numbers (for memory_mb, run_python's default)."""
-    files = f"3 x {TMPFS_MB} MiB of in-memory files" if caps["mode"] in ("root", "user") else "files on this disk"
+    files = f"3 x {TMPFS_MB} MiB of in-memory files" if caps["mode"] in ISOLATED_MODES else "files on this disk"
     if caps["cgroup"]:
         version = "v1" if any("/memory" in p for p in caps["cgroup"]) else "v2"
         return (f"cgroup {version} per program: {memory_mb + 3 * TMPFS_MB + CGROUP_SLACK_MB} MiB of memory (all of it: "
@@ -369,11 +377,8 @@ def run_python(
 
 
 def _run(caps: dict, code: str, stdin: str, timeout_s: float, memory_mb: int, pass_fds=(), stop=None) -> ExecResult:
-    uid = SANDBOX_UID_BASE + _rng.randrange(SANDBOX_UID_SPAN) if caps["mode"] in ("root", "uid") else None
-    isolated = caps["mode"] in (
-        "root",
-        "user",
-    )  # namespaces: own filesystem (program dir in memory), PID space, network
+    uid = SANDBOX_UID_BASE + _rng.randrange(SANDBOX_UID_SPAN) if caps["mode"] in ROOT_MODES + ("uid",) else None
+    isolated = caps["mode"] in ISOLATED_MODES  # namespaces: own filesystem (program dir in memory), PID space, network
     start = time.monotonic()
     deadline = start + timeout_s
     proc = feeder = workdir = None

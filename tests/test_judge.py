@@ -311,3 +311,18 @@ def test_cgroup_v2_parent_selection(tmp_path, monkeypatch):
     monkeypatch.setenv("GRLO_SANDBOX_CGROUP", str(bad))
     parents, why = sandbox._cgroup_parents()
     assert parents == [] and "enables memory and pids" in why and str(bad) in why
+
+
+@isolated
+def test_root_without_user_namespaces_still_isolates(monkeypatch):
+    """The "root-plain" fallback, where a throw-away uid may not create a user namespace (unprivileged user
+    namespaces disabled or restricted, as on some distributions): the throw-away uid in the namespaces, the
+    program's directory in memory, and the judge still works there."""
+    caps = {**CAPS, "mode": "root-plain"}
+    code = f"import os\nprint(os.getuid() >= 3_000_000_000, os.getcwd(), os.path.exists({str(ROOT / 'README.md')!r}))"
+    r = sandbox._run(caps, code, "", 10, 256)  # the project's files are not in its filesystem
+    assert r.ok and r.stdout == "True /sandbox False\n", r
+    monkeypatch.setattr(sandbox, "_caps", caps)
+    assert reward.code_reward(fenced("def f(x):\n    return x * x"), {"test_list": ["assert f(3) == 9"]}) == 1.0
+    row, stub = FORMATS["mbpp"]
+    assert reward.code_reward(fenced(program("always_equal", stub)), row) == 0.0
