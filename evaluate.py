@@ -656,7 +656,7 @@ def main(args: Args):
             [first] + [r for r in runs if r != first] if first in runs else [("baseline", args.baseline_model)] + runs
         )
     # The RM is loaded once, only if a chat benchmark is scored. On GPU it is bf16 (as train_grlo.py scores) and
-    # rests in CPU memory: it moves to the GPU only while it scores, with the vLLM engine asleep.
+    # rests in CPU memory: it moves to the GPU only while it scores, after the model's vLLM engine is shut down.
     gpu = accelerator.device.type == "cuda"
     get_rm = functools.cache(lambda: reward.RewardModel(args.reward_model, device="cpu" if gpu else str(accelerator.device),
                                                         batch_size=args.rm_batch_size, max_length=args.rm_max_length,
@@ -724,13 +724,13 @@ def main(args: Args):
                                          f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens}")  # fmt: skip
             if args.use_vllm:
                 seed, max_len = args.seed + accelerator.process_index, longest + args.max_new_tokens
-                engine = generation.build_vllm(
-                    source, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization, gpu
+                engine = generation.build_vllm(  # no sleep mode: the engine is shut down before any scoring
+                    source, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization, False
                 )
             else:
                 engine = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(accelerator.device).eval()
+        answers_of = {}  # name -> (samples, seconds to generate)
         for name, answers in todo.items():
-            samples_path = os.path.join(out_dir, f"{name}.samples.jsonl")
             t0 = time.time()
             if answers is None:
                 samples = generate(
@@ -745,7 +745,9 @@ def main(args: Args):
                 )
                 samples = [{"benchmark": name, **s, "config_hash": cfg[name]["hash"]} for s in samples]
                 if main_proc:  # written as soon as generation ends: a kill while scoring keeps the answers
-                    write_atomic(samples_path, "".join(json.dumps(s) + "\n" for s in samples))
+                    write_atomic(
+                        os.path.join(out_dir, f"{name}.samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples)
+                    )
             else:
                 samples = [s for s in answers if s["index"] < len(rows_of[name])]
                 missing = sorted(set(range(len(rows_of[name]))) - {s["index"] for s in samples})
@@ -753,11 +755,17 @@ def main(args: Args):
                     raise ValueError(
                         f"{source}: benchmark {name} has no answers for problems {missing[:10]} (of {len(rows_of[name])})"
                     )
-            t_gen = time.time() - t0
-            # ---- 5. score on rank 0; the per-sample JSONL, then the benchmark's result (written last) ----
+            answers_of[name] = (samples, time.time() - t0)
+        # Every answer of this model exists: free its engine before scoring, so a reward model on the GPU gets the
+        # memory, and no engine ever sleeps (two sleep-mode engines in one process are what vLLM's allocator,
+        # a process-wide singleton, is not built for).
+        if engine is not None and args.use_vllm:
+            shutdown_vllm(engine, accelerator.num_processes > 1)
+        del engine
+
+        # ---- 5. score on rank 0; the per-sample JSONL, then the benchmark's result (written last) ----
+        for name, (samples, t_gen) in answers_of.items():
             rm_on_gpu = gpu and specs[name]["scorer"] == "rm"
-            if rm_on_gpu and args.use_vllm and engine is not None:  # vLLM holds its share of the GPU: weights to CPU
-                engine.sleep(level=1)
             if main_proc:
                 t0 = time.time()
                 scorer = (lambda: get_rm().to(accelerator.device)) if rm_on_gpu else get_rm
@@ -766,11 +774,14 @@ def main(args: Args):
                 )
                 if rm_on_gpu:
                     get_rm().to("cpu")
+                    torch.cuda.empty_cache()
                 metrics = benchmark_metrics(specs[name], samples, counts)
                 metrics.update(time_generate_s=round(t_gen, 1), time_score_s=round(time.time() - t0, 1))
                 for s in samples:
                     s["prompt"] = rows_of[name][s["index"]]["prompt"][-1]["content"]
-                write_atomic(samples_path, "".join(json.dumps(s) + "\n" for s in samples))
+                write_atomic(
+                    os.path.join(out_dir, f"{name}.samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples)
+                )
                 write_atomic(
                     os.path.join(out_dir, f"{name}.json"),
                     json.dumps({"config": cfg[name], "metrics": metrics}, indent=1),
@@ -781,12 +792,6 @@ def main(args: Args):
                 log(f"[{tag}] {name}: {headline} | truncated {fmt(metrics['truncation_rate'])} | errors {metrics['errors']} "
                     f"timeouts {metrics['timeouts']} no-answer {metrics['no_answer']} | generate {t_gen:.0f}s score {metrics['time_score_s']:.0f}s")  # fmt: skip
             accelerator.wait_for_everyone()
-            if rm_on_gpu and args.use_vllm and engine is not None:
-                torch.cuda.empty_cache()  # the RM's blocks, so vLLM can map its pool again
-                engine.wake_up()
-        if engine is not None and args.use_vllm:  # free this model's engine before the next one starts
-            shutdown_vllm(engine, accelerator.num_processes > 1)
-        del engine
         if kind == "baseline":
             continue  # only its answers were needed
         results[tag] = {n: ready[n] for n in names if n in ready}
