@@ -304,11 +304,7 @@ def _math_worker_main() -> None:
     Not sandboxed: math-verify evaluates model text only through ANTLR (LaTeX) or sympy's parse_expr on
     strings its regex limits to digits, operators and brackets.
     """
-    import json  # noqa: E401
-    import logging
-    import os
-    import resource
-    import sys
+    import json, logging, os, resource, sys  # noqa: E401
 
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a sympy blow-up: MemoryError, not host OOM
     logging.disable(logging.WARNING)  # "timeout is disabled" warnings: we bound calls ourselves
@@ -462,8 +458,8 @@ def check_sandbox(rows: list[dict]) -> None:
 
 # ---- 4. code reward: extract the program, run the tests where it cannot reach them ----
 # Function-call tests (HumanEval, MBPP, LiveCodeBench functional) run in code_judge's judge process, the program
-# in another sandbox; stdin/stdout tests compare the program's output here. Every run ends in one outcome, in
-# this order of precedence: pass, wrong_answer, error, timeout, resource_limit, sandbox_failure.
+# in another sandbox; stdin/stdout tests compare the program's output here. Every run ends in one of OUTCOMES
+# (code_judge.outcome decides which; docs/reward.md "Outcomes").
 OUTCOMES = code_judge.OUTCOMES
 _STDIO_KEYS = ("inputs", "input_output", "public_test_cases", "private_test_cases")
 # LiveCodeBench prepends imports to LeetCode-style ("functional") solutions, whose starter code uses List.

@@ -837,7 +837,7 @@ def test_attack_suite_for_an_ordinary_user_and_for_root(uid, mode):
         assert report["uid"] == uid and report["mode"] == mode and report["self_check"] == mode, report["why"]
         failed = {name: a["detail"] for name, a in report["attacks"].items() if not a["contained"]}
         assert not failed, failed
-        assert len(report["attacks"]) == 24
+        assert len(report["attacks"]) == (24 if os.uname().machine == "x86_64" else 22)  # keyrings: x86_64 syscalls
         scored = {name: scores for name, scores in report["hacks"].items() if scores != [0.0, 0.0]}
         assert len(report["hacks"]) == len(hack_plans()) == 36 and not scored, scored
         assert (env["home"] / ".ssh" / "id_ed25519").read_text().count("GRLOFAKEKEY") == 1
