@@ -95,6 +95,7 @@ def start_run(args, check_args) -> tuple:
     accelerator = distributed.make_accelerator(use_bf16, args.max_grad_norm)
     notes = check_args(args, accelerator.num_processes) or []
     check_fresh_output_dir(args.output_dir, args.resume)
+    accelerator.wait_for_everyone()  # every rank has looked at the folder before rank 0 writes into it
     set_seed(args.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     for note in notes:
