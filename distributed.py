@@ -187,3 +187,10 @@ def frozen_policy(path: str, dtype, device, shared_prompt: bool):
     if shared_prompt:
         batching.use_shared_prefix_attention(model, path)
     return model
+
+
+def every_rank(flag: bool, accelerator) -> bool:
+    """True when `flag` holds on every process: dynamic sampling stops only when every rank has enough groups.
+    A sum, because accelerate's reduce knows mean/sum/max only and silently sums any other op ("min" too)."""
+    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
+    return count.item() == accelerator.num_processes

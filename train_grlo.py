@@ -172,31 +172,18 @@ LOCAL = os.path.join(HERE, "local_models")
 # The CPU presets: 8 prompts x G=4 per step, one optimizer step; without checkpointing (its recomputation would
 # cost ~1/3 more train time, and the activations fit).
 CPU = dict(num_generations=4, prompts_per_step=8, num_minibatches=1, gradient_checkpointing=False)
+# fmt: off
 PRESETS = {
     "paper": Args(),
     "cpu-smoke": Args(
-        preset="cpu-smoke",
-        model=f"{LOCAL}/tiny-qwen3",
-        reward_model=f"{LOCAL}/tiny-qwen3-rm",
-        output_dir="runs/cpu-smoke",
-        max_prompt_length=128,
-        max_new_tokens=24,
-        learning_rate=3e-3,
-        max_steps=30,
-        save_every=10,
-        **CPU,
+        preset="cpu-smoke", model=f"{LOCAL}/tiny-qwen3", reward_model=f"{LOCAL}/tiny-qwen3-rm",
+        output_dir="runs/cpu-smoke", max_prompt_length=128, max_new_tokens=24, learning_rate=3e-3, max_steps=30,
+        save_every=10, **CPU,
     ),
     "cpu-smollm2": Args(
-        preset="cpu-smollm2",
-        model=f"{LOCAL}/smollm2-135m",
-        reward_model=f"{LOCAL}/smollm2-135m-rm",
-        output_dir="runs/cpu-smollm2",
-        max_prompt_length=256,
-        max_new_tokens=64,
-        learning_rate=2e-6,
-        max_steps=20,
-        save_every=10,
-        sample_every=5,
+        preset="cpu-smollm2", model=f"{LOCAL}/smollm2-135m", reward_model=f"{LOCAL}/smollm2-135m-rm",
+        output_dir="runs/cpu-smollm2", max_prompt_length=256, max_new_tokens=64, learning_rate=2e-6, max_steps=20,
+        save_every=10, sample_every=5,
         token_budget=4096,  # fp32 activations take ~2 MB per token: 16384 would not fit in 24 GB
         share_prompt=True,  # short completions: the prompt is ~40% of each sample's tokens
         **CPU,
@@ -204,27 +191,15 @@ PRESETS = {
     # RLHF with a learned RM on verifiable prompts: train_rm.py --preset cpu-arith's RM is the only reward; the
     # verifier only measures (gold held-out accuracy). The settings of train_rlvr.py --preset cpu-arith.
     "cpu-arith-rm": Args(
-        preset="cpu-arith-rm",
-        model=f"{LOCAL}/smollm2-135m",
-        reward_model="runs/rm-cpu-arith/final",
-        output_dir="runs/cpu-arith-rm",
-        dataset=os.path.join(HERE, "data", "arith_train.jsonl"),
-        eval_dataset=os.path.join(HERE, "data", "arith_test.jsonl"),
-        judge="reward-model",
-        max_prompt_length=256,
-        max_new_tokens=128,
-        temperature=0.7,
-        clip_eps_high=0.28,
-        overlong="penalty",
-        overlong_buffer=32,
-        learning_rate=1e-5,
-        max_steps=20,
-        eval_every=5,
-        save_every=20,
-        token_budget=4096,
+        preset="cpu-arith-rm", model=f"{LOCAL}/smollm2-135m", reward_model="runs/rm-cpu-arith/final",
+        output_dir="runs/cpu-arith-rm", dataset=os.path.join(HERE, "data", "arith_train.jsonl"),
+        eval_dataset=os.path.join(HERE, "data", "arith_test.jsonl"), judge="reward-model", max_prompt_length=256,
+        max_new_tokens=128, temperature=0.7, clip_eps_high=0.28, overlong="penalty", overlong_buffer=32,
+        learning_rate=1e-5, max_steps=20, eval_every=5, save_every=20, token_budget=4096,
         **{**CPU, "num_generations": 8},
     ),
 }
+# fmt: on
 
 
 def check_args(args: Args, world: int) -> list:
@@ -402,10 +377,14 @@ def old_and_ref_logprobs(model, ref_model, accelerator, args: Args, prompt_ids, 
     return old_lp, ref_lp
 
 
-def draw_minibatches(n: int, mb_size: int, seed: int, step: int, epoch: int) -> list:
-    """Samples 0..n-1 in mini-batches of mb_size (each in index order), a new draw for each (seed, step, epoch)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch))
-    return [sorted(order[k : k + mb_size].tolist()) for k in range(0, n, mb_size)]
+def draw_minibatches(n: int, mb_size: int, epochs: int, seed: int, step: int) -> list:
+    """`epochs` passes over samples 0..n-1, each in mini-batches of mb_size (in index order) drawn anew from
+    (seed, step, epoch) only: the same after a resume."""
+    out = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch))
+        out += [sorted(order[k : k + mb_size].tolist()) for k in range(0, n, mb_size)]
+    return out
 
 
 def train_on_batch(
@@ -427,16 +406,14 @@ def train_on_batch(
         old_lp, ref_lp = old_and_ref_logprobs(model, ref_model, accelerator, args, prompt_ids, completion_ids, pad_id)
     keys = ("loss", "clipfrac", "ratio", "approx_kl", "old_approx_kl", "tis_weight", "kl", "entropy", "tokens")
     sums, grad_norms = {k: torch.zeros((), device=device) for k in keys}, []
-    # ppo_epochs passes over the batch, each in new mini-batches drawn from (seed, step, epoch): the same on resume
-    minibatches = [
-        mb for epoch in range(args.ppo_epochs) for mb in draw_minibatches(n, mb_size, args.seed, step, epoch)
-    ]
+    minibatches = draw_minibatches(n, mb_size, args.ppo_epochs, args.seed, step)  # new ones each epoch
     bar = tqdm(total=len(minibatches), desc="update", leave=False, disable=not accelerator.is_main_process)
     for mb in minibatches:
         # global counts (summed over ranks) of the samples IN the loss, for the eq. 6 weights: a sample masked
         # by --overlong mask drops out of the denominators too, as if it had not been sampled
-        counts = torch.stack([loss_mask_seq[mb].sum(), sum(len(completion_ids[i]) * loss_mask_seq[i] for i in mb)])
-        num_seqs, num_tokens = accelerator.reduce(counts.float(), "sum").clamp(min=1).tolist()
+        in_loss, lengths = loss_mask_seq[mb], torch.tensor([len(completion_ids[i]) for i in mb], device=device)
+        counts = torch.stack([in_loss.sum(), (in_loss * lengths).sum()]).float()
+        num_seqs, num_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
         micro = batching.make_microbatches(prompt_ids, completion_ids, args.token_budget, group, indices=mb)
         micro = distributed.lockstep(micro, accelerator)  # every rank runs as many forwards and backwards
         for k, m in enumerate(micro):
@@ -612,16 +589,11 @@ def main(args: Args):
         t_sync = time.time() - t0
 
         # ---- 7. log: one console line, TensorBoard, every sample to rollouts.jsonl ----
-        metrics = bookkeeping.train_metrics(
-            sums,
-            grad_norms,
-            scheduler,
-            accelerator,
-            sampler_logprobs is not None and args.tis_cap > 0,
-            ref_model is not None,
-        )
+        tis, kl = sampler_logprobs is not None and args.tis_cap > 0, ref_model is not None
+        metrics = bookkeeping.train_metrics(sums, grad_norms, scheduler, accelerator, tis, kl)
         metrics |= bookkeeping.completion_metrics(completion_ids, truncated, eos_ids, tokenizer, accelerator)
         step_time = time.time() - t_step
+        times = dict(rollout=t_rollout, reward=t_reward, train=t_train, weight_sync=t_sync, step=step_time)
         metrics |= {
             "charts/tokens_per_sec": metrics.pop("completions/tokens") / max(t_rollout, 1e-9),
             "charts/episodes": (step + 1) * args.prompts_per_step * G,
@@ -629,11 +601,7 @@ def main(args: Args):
             "rewards/std": float(all_rewards.std()),
             "rewards/frac_zero_std": float((all_rewards.view(-1, G).std(dim=1) < 1e-6).float().mean()),
             **{k: float(v) for k, v in reward_stats.items()},  # per-rank: rank 0's share
-            "time/rollout": t_rollout,
-            "time/reward": t_reward,
-            "time/train": t_train,
-            "time/weight_sync": t_sync,
-            "time/step": step_time,
+            **{f"time/{k}": v for k, v in times.items()},  # time/rollout, time/reward, ...
         }
         if eval_rows and ((step + 1) % args.eval_every == 0 or step + 1 == max_steps):
             model.eval()

@@ -169,43 +169,25 @@ class Args:
 LOCAL = os.path.join(HERE, "local_models")
 ARITH = os.path.join(HERE, "data", "arith_{}.jsonl")  # the bundled arithmetic set (data/README.md)
 CPU = dict(num_generations=4, prompts_per_step=8, num_minibatches=1, gradient_checkpointing=False)
+# fmt: off
 PRESETS = {
     "dapo": Args(),
     "cpu-smoke": Args(
-        preset="cpu-smoke",
-        model=f"{LOCAL}/tiny-qwen3",
-        output_dir="runs/rlvr-cpu-smoke",
-        dataset=ARITH.format("train"),
-        eval_dataset=ARITH.format("test"),
-        eval_limit=16,
-        max_prompt_length=128,
-        max_new_tokens=16,
-        overlong_buffer=4,
-        learning_rate=3e-3,
-        max_steps=4,
-        eval_every=2,
-        save_every=2,
-        **CPU,
+        preset="cpu-smoke", model=f"{LOCAL}/tiny-qwen3", output_dir="runs/rlvr-cpu-smoke",
+        dataset=ARITH.format("train"), eval_dataset=ARITH.format("test"), eval_limit=16, max_prompt_length=128,
+        max_new_tokens=16, overlong_buffer=4, learning_rate=3e-3, max_steps=4, eval_every=2, save_every=2, **CPU,
     ),
     "cpu-arith": Args(
-        preset="cpu-arith",
-        model=f"{LOCAL}/smollm2-135m",
-        output_dir="runs/rlvr-cpu-arith",
-        dataset=ARITH.format("train"),
-        eval_dataset=ARITH.format("test"),
-        max_prompt_length=256,
-        max_new_tokens=128,
+        preset="cpu-arith", model=f"{LOCAL}/smollm2-135m", output_dir="runs/rlvr-cpu-arith",
+        dataset=ARITH.format("train"), eval_dataset=ARITH.format("test"), max_prompt_length=256, max_new_tokens=128,
         overlong_buffer=32,
         temperature=0.7,  # at 1.0 SmolLM2 solves ~3% of samples, too few groups carry any signal
-        learning_rate=1e-5,
-        max_steps=20,
-        eval_every=10,
-        save_every=20,
-        sample_every=10,
+        learning_rate=1e-5, max_steps=20, eval_every=10, save_every=20, sample_every=10,
         token_budget=4096,  # fp32 activations take ~2 MB per token: 16384 would not fit in 24 GB
         **{**CPU, "num_generations": 8},
     ),
 }
+# fmt: on
 
 
 # Copied from train_grlo.check_args
@@ -350,13 +332,6 @@ def has_signal(scores: torch.Tensor, num_generations: int) -> torch.Tensor:
     return grouped.max(dim=1).values > grouped.min(dim=1).values
 
 
-def every_rank(flag: bool, accelerator) -> bool:
-    """True when `flag` holds on every process: dynamic sampling stops only when every rank has enough groups.
-    A sum, because accelerate's reduce knows mean/sum/max only and silently sums any other op ("min" too)."""
-    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
-    return count.item() == accelerator.num_processes
-
-
 # Copied from train_grlo.compute_advantages
 def compute_advantages(rewards: torch.Tensor, num_generations: int, scale: str, batch_std=None, eps: float = 1e-6):
     """Eq. 1: A_i = r_i - mean(r_group), divided by the group std, the batch std, or nothing (Dr. GRPO).
@@ -430,10 +405,14 @@ def old_and_ref_logprobs(model, ref_model, accelerator, args: Args, prompt_ids, 
 
 
 # Copied from train_grlo.draw_minibatches
-def draw_minibatches(n: int, mb_size: int, seed: int, step: int, epoch: int) -> list:
-    """Samples 0..n-1 in mini-batches of mb_size (each in index order), a new draw for each (seed, step, epoch)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch))
-    return [sorted(order[k : k + mb_size].tolist()) for k in range(0, n, mb_size)]
+def draw_minibatches(n: int, mb_size: int, epochs: int, seed: int, step: int) -> list:
+    """`epochs` passes over samples 0..n-1, each in mini-batches of mb_size (in index order) drawn anew from
+    (seed, step, epoch) only: the same after a resume."""
+    out = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch))
+        out += [sorted(order[k : k + mb_size].tolist()) for k in range(0, n, mb_size)]
+    return out
 
 
 # Copied from train_grlo.train_on_batch
@@ -456,16 +435,14 @@ def train_on_batch(
         old_lp, ref_lp = old_and_ref_logprobs(model, ref_model, accelerator, args, prompt_ids, completion_ids, pad_id)
     keys = ("loss", "clipfrac", "ratio", "approx_kl", "old_approx_kl", "tis_weight", "kl", "entropy", "tokens")
     sums, grad_norms = {k: torch.zeros((), device=device) for k in keys}, []
-    # ppo_epochs passes over the batch, each in new mini-batches drawn from (seed, step, epoch): the same on resume
-    minibatches = [
-        mb for epoch in range(args.ppo_epochs) for mb in draw_minibatches(n, mb_size, args.seed, step, epoch)
-    ]
+    minibatches = draw_minibatches(n, mb_size, args.ppo_epochs, args.seed, step)  # new ones each epoch
     bar = tqdm(total=len(minibatches), desc="update", leave=False, disable=not accelerator.is_main_process)
     for mb in minibatches:
         # global counts (summed over ranks) of the samples IN the loss, for the eq. 6 weights: a sample masked
         # by --overlong mask drops out of the denominators too, as if it had not been sampled
-        counts = torch.stack([loss_mask_seq[mb].sum(), sum(len(completion_ids[i]) * loss_mask_seq[i] for i in mb)])
-        num_seqs, num_tokens = accelerator.reduce(counts.float(), "sum").clamp(min=1).tolist()
+        in_loss, lengths = loss_mask_seq[mb], torch.tensor([len(completion_ids[i]) for i in mb], device=device)
+        counts = torch.stack([in_loss.sum(), (in_loss * lengths).sum()]).float()
+        num_seqs, num_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
         micro = batching.make_microbatches(prompt_ids, completion_ids, args.token_budget, group, indices=mb)
         micro = distributed.lockstep(micro, accelerator)  # every rank runs as many forwards and backwards
         for k, m in enumerate(micro):
@@ -633,7 +610,7 @@ def main(args: Args):
             for g in range(len(indices)):  # one record per group: each field's G samples
                 group = {k: v[g * G : (g + 1) * G] for k, v in fields.items()}
                 (kept if signal[g] or not args.dynamic_sampling else dropped).append(group)
-            if not args.dynamic_sampling or every_rank(len(kept) >= B_local, accelerator):
+            if not args.dynamic_sampling or distributed.every_rank(len(kept) >= B_local, accelerator):
                 break
         # ALGO LOGIC: a short batch (round cap hit) is topped up with dropped groups: zero advantage, same shapes
         batch = (kept + dropped)[:B_local]
@@ -673,9 +650,9 @@ def main(args: Args):
         metrics = bookkeeping.train_metrics(sums, grad_norms, scheduler, accelerator, tis, kl)
         metrics |= bookkeeping.completion_metrics(completion_ids, truncated, eos_ids, tokenizer, accelerator)
         seen = accelerator.gather(torch.tensor(seen_scores, device=device))
-        counts = torch.tensor([n_signal, len(batch)], dtype=torch.float32, device=device)
-        counts = accelerator.reduce(counts, "sum")
+        counts = accelerator.reduce(torch.tensor([n_signal, len(batch)], dtype=torch.float32, device=device), "sum")
         step_time = time.time() - t_step
+        times = dict(rollout=t_rollout, reward=t_reward, train=t_train, weight_sync=t_sync, step=step_time)
         metrics |= {
             "charts/tokens_per_sec": metrics.pop("completions/tokens") / max(t_rollout, 1e-9),
             "charts/episodes": data_round * args.prompts_per_step * G,
@@ -686,11 +663,7 @@ def main(args: Args):
             "rewards/frac_zero_std": float(1 - has_signal(seen.float().cpu(), G).float().mean()),
             "rewards/batch_signal_frac": float(counts[0] / counts[1]),
             **{k: float(v) for k, v in count_stats.items()},  # per-rank counts: rank 0's share
-            "time/rollout": t_rollout,
-            "time/reward": t_reward,
-            "time/train": t_train,
-            "time/weight_sync": t_sync,
-            "time/step": step_time,
+            **{f"time/{k}": v for k, v in times.items()},  # time/rollout, time/reward, ...
         }
         if n_math_seen and "rewards/math_no_answer" in count_stats:  # share of math answers math-verify could parse
             metrics["rewards/format"] = 1 - count_stats["rewards/math_no_answer"] / n_math_seen

@@ -133,13 +133,11 @@ def fsdp_loading(rm_path: str):
 
 
 def every_rank():
-    """train_rlvr.every_rank with the flag true on rank 0 only, and true on both: must be False, then True."""
-    import train_rlvr
-
+    """distributed.every_rank with the flag true on rank 0 only, and true on both: must be False, then True."""
     acc = distributed.make_accelerator(False, 1.0)
     rank = acc.process_index
     report(
-        {"rank": rank, "rank0_only": train_rlvr.every_rank(rank == 0, acc), "both": train_rlvr.every_rank(True, acc)}
+        {"rank": rank, "rank0_only": distributed.every_rank(rank == 0, acc), "both": distributed.every_rank(True, acc)}
     )
     acc.end_training()
 
