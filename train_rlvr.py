@@ -582,8 +582,7 @@ def main(args: Args):
         # TRY NOT TO MODIFY: every rank runs the same number of rounds (the stop test is all-reduced), and
         # prompts come from the global order by round, so resume needs only the round cursor.
         model.eval()
-        kept, dropped, seen_scores, count_stats, n_math_seen = [], [], [], {}, 0
-        t_rollout = t_reward = 0.0
+        kept, dropped, seen_scores, count_stats, n_math_seen, t_rollout, t_reward = [], [], [], {}, 0, 0.0, 0.0
         for rounds in range(1, args.max_sampling_rounds + 1):
             indices = step_prompt_indices(data_round, len(rows), args.prompts_per_step, args.seed)
             indices = indices[rank * B_local : (rank + 1) * B_local]
@@ -599,26 +598,21 @@ def main(args: Args):
             data_round += 1
             seen_scores += scores
             n_math_seen += sum(r["ability"] == "math" for r in batch_rows)
-            for k, v in reward_stats.items():
-                if not k.endswith("_mean"):  # counts add up over rounds; per-source means are re-derived below
-                    count_stats[k] = count_stats.get(k, 0.0) + v
+            # counts add up over rounds; per-source means are re-derived below
+            count_stats |= {k: count_stats.get(k, 0.0) + v for k, v in reward_stats.items() if not k.endswith("_mean")}
             signal = has_signal(torch.tensor(scores), G)  # eq. 8
-            samplers = sampler_logprobs or [None] * len(scores)  # None: HF sampled, no sampler log-probs
             fields = {"rows": batch_rows, "prompt_ids": prompt_ids, "completion_ids": completion_ids,
-                      "sampler_logprobs": samplers, "truncated": truncated, "responses": responses, "scores": scores,
-                      "outcomes": outcomes}  # fmt: skip
+                      "sampler_logprobs": sampler_logprobs or [None] * len(scores), "truncated": truncated,  # None: HF
+                      "responses": responses, "scores": scores, "outcomes": outcomes}  # fmt: skip
             for g in range(len(indices)):  # one record per group: each field's G samples
                 group = {k: v[g * G : (g + 1) * G] for k, v in fields.items()}
                 (kept if signal[g] or not args.dynamic_sampling else dropped).append(group)
             if not args.dynamic_sampling or distributed.every_rank(len(kept) >= B_local, accelerator):
                 break
         # ALGO LOGIC: a short batch (round cap hit) is topped up with dropped groups: zero advantage, same shapes
-        batch = (kept + dropped)[:B_local]
-        n_signal = min(len(kept), B_local)
+        batch, n_signal = (kept + dropped)[:B_local], min(len(kept), B_local)
         flat = {k: [x for group in batch for x in group[k]] for k in fields}  # the groups' samples, in group order
-        batch_rows, prompt_ids, completion_ids, sampler_logprobs, truncated, responses, scores, outcomes = (
-            flat[k] for k in ("rows", "prompt_ids", "completion_ids", "sampler_logprobs", "truncated", "responses",
-                              "scores", "outcomes"))  # fmt: skip
+        batch_rows, prompt_ids, completion_ids, sampler_logprobs, truncated, responses, scores, outcomes = flat.values()
         sampler_logprobs = sampler_logprobs if llm is not None else None
         if sleep:  # free GPU memory for the update; the trained weights are pushed at wake-up (never stale)
             generation.vllm_sleep(llm)
@@ -685,14 +679,12 @@ def main(args: Args):
         )
         if args.sample_every and (step + 1) % args.sample_every == 0:
             prompt, completion = batch_rows[0]["prompt"][-1]["content"], responses[0]
-            log(f"--- sample @ step {step + 1} (score {scores[0]:.0f})")
-            log(f"[prompt] {prompt}\n[completion] {completion}\n---")
+            log(f"--- sample @ step {step + 1} (score {scores[0]:.0f})\n[prompt] {prompt}\n[completion] {completion}")
 
         # ---- 8. checkpoint, with the data cursor ----
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == max_steps:
-            cursor = {"data_round": data_round}
             bookkeeping.save_checkpoint(
-                accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last, cursor
+                accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last, {"data_round": data_round}
             )
 
     if accelerator.is_main_process:
