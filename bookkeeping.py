@@ -3,6 +3,7 @@
 Importing it has no side effects.
 """
 
+import contextlib
 import glob
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 
 import batching
 import distributed
+import fit_check
 
 
 def check_model_path(flag: str, path: str) -> None:
@@ -89,15 +91,18 @@ def start_run(args, check_args) -> tuple:
     from torch.utils.tensorboard import SummaryWriter
 
     cpu = not torch.cuda.is_available()
-    if cpu:
-        batching.keep_freed_memory()  # before the big allocations
+    dummy = getattr(args, "dummy_weights", False)
+    if cpu:  # before the big allocations; a fit check (--dummy-weights) measures live memory instead
+        fit_check.track_live_memory() if dummy else batching.keep_freed_memory()
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and not cpu)
     accelerator = distributed.make_accelerator(use_bf16, args.max_grad_norm)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    if dummy:  # --model/--reward-model become their config.json shapes with random weights
+        fit_check.dummy_models(args, log)
     notes = check_args(args, accelerator.num_processes) or []
     check_fresh_output_dir(args.output_dir, args.resume)
     accelerator.wait_for_everyone()  # every rank has looked at the folder before rank 0 writes into it
     set_seed(args.seed)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
     for note in notes:
         log(f"note: {note}")
     writer = None
@@ -238,3 +243,87 @@ def completion_metrics(completion_ids: list, truncated: list, eos_ids: list, tok
     metrics = {"completions/mean_length": float(lengths.mean()), "completions/clipped_ratio": float(clipped.mean())}
     metrics |= {f"completions/stop_{tokenizer.convert_ids_to_tokens(e)}": n for e, n in zip(eos_ids, stops)}
     return metrics | {"completions/tokens": float(lengths.sum())}
+
+
+class Phases:
+    """Wall time and peak memory of each phase of a step: `with phases("rollout"): ...`; `take()` returns the
+    step's `time/<phase>` and `memory/<phase>_gib` metrics and starts the next step. A phase run several times in a
+    step (dynamic sampling's rounds) adds up its time. Peak memory: on GPU torch's reserved peak and the device's
+    used memory (polled every 20 ms: vLLM's pool included), on CPU the process's peak RSS, reset per phase
+    through /proc/self/clear_refs (with `batching.keep_freed_memory` the heap keeps earlier phases' pages, so a
+    CPU phase's peak is at least the largest before it; --dummy-weights uses `fit_check.track_live_memory`)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.seconds, self.peak_gib, self.history, self.peaks, self.after_gib = {}, {}, [], {}, {}
+
+    @staticmethod
+    def _rss_gib(field: str) -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**20
+
+    def _reset(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+
+    def _peak(self, polled: float) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return max(torch.cuda.max_memory_reserved(self.device) / 2**30, polled)
+        return self._rss_gib("VmHWM")
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        import threading
+        import time
+
+        self._reset()
+        polled, stop = [0.0], threading.Event()
+
+        def poll():  # the device's used memory, vLLM's pool and other allocators included
+            while not stop.wait(0.02):
+                free, total = torch.cuda.mem_get_info(self.device)
+                polled[0] = max(polled[0], (total - free) / 2**30)
+
+        poller = threading.Thread(target=poll, daemon=True) if self.cuda else None
+        if poller:
+            poller.start()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if poller:
+                stop.set()
+                poller.join()
+            peak = self._peak(polled[0])
+            self.after_gib[name] = self._rss_gib("VmRSS") if not self.cuda else torch.cuda.memory_reserved() / 2**30
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.peak_gib[name] = max(self.peak_gib.get(name, 0.0), peak)
+
+    def take(self) -> dict:
+        """This step's metrics; the step's figures go to `history` (the fit report reads them)."""
+        metrics = {f"time/{k}": v for k, v in self.seconds.items()}
+        metrics |= {f"memory/{k}_gib": v for k, v in self.peak_gib.items()}
+        self.history.append(dict(self.seconds))
+        for k, v in self.peak_gib.items():
+            self.peaks[k] = max(self.peaks.get(k, 0.0), v)
+        self.seconds, self.peak_gib = {}, {}
+        return metrics
+
+    def line(self) -> str:
+        """'roll 1.2 rew 0.3 train 4.5 sync 0.10' for the console, from the step not yet taken."""
+        short = dict(rollout="roll", reward="rew", train="train", weight_sync="sync", checkpoint="ckpt")
+        return " ".join(f"{short.get(k, k)} {v:.2f}" for k, v in self.seconds.items())
+
+    def peaks_over_ranks(self, accelerator) -> dict:
+        names = sorted(self.peaks)
+        values = torch.tensor([self.peaks[k] for k in names], dtype=torch.float64, device=accelerator.device)
+        return dict(zip(names, accelerator.reduce(values, "max").tolist()))

@@ -178,12 +178,14 @@ def drop_fp32_output_cast(model, accelerator: Accelerator) -> None:
         inner.forward = inner._original_forward
 
 
-def frozen_policy(path: str, dtype, device, shared_prompt: bool):
+def frozen_policy(path: str, dtype, device, shared_prompt: bool, dummy_weights: bool = False):
     """A frozen copy of a causal LM (the KL reference), whole on every rank; call inside `replicated_loading`.
     With --share-prompt it reads the same packed rows as the policy, so it gets the shared-prompt attention."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    import fit_check
+
+    model = fit_check.from_pretrained(AutoModelForCausalLM, path, dummy_weights, dtype=dtype).to(device).eval()
     if shared_prompt:
         batching.use_shared_prefix_attention(model, path)
     return model

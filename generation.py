@@ -18,6 +18,7 @@ def build_vllm(
     accelerator: Accelerator,
     gpu_memory_utilization: float,
     sleep: bool,
+    dummy_weights: bool = False,
 ):
     """This rank's in-process vLLM engine for `model`; on several processes one engine per rank inside the
     launcher's processes (`external_launcher`, TRL's colocate mode, trl/trainer/grpo_trainer.py).
@@ -26,7 +27,8 @@ def build_vllm(
     ~100 s of start-up), a 1 GiB KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE=<GiB> overrides it; there
     gpu_memory_utilization would reserve that share of all RAM), and every prompt prefilled whole: vLLM 0.32 CPU
     crashes ("CPU Generator does not use offset") when a seeded request's prompt is prefilled in chunks.
-    Log-probs come back after temperature (`processed_logprobs`), as the trainer computes them."""
+    Log-probs come back after temperature (`processed_logprobs`), as the trainer computes them. `dummy_weights`:
+    random weights in the config's shapes (vLLM's load_format="dummy"; the first sync brings the trainer's)."""
     from vllm import LLM
 
     cpu = accelerator.device.type == "cpu"
@@ -38,6 +40,7 @@ def build_vllm(
         max_model_len=max_model_len,
         tensor_parallel_size=1,
         logprobs_mode="processed_logprobs",
+        load_format="dummy" if dummy_weights else "auto",
     )
     if accelerator.num_processes > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"
@@ -63,7 +66,7 @@ def generate_vllm(
 ):
     """One vLLM request per completion, each with its own seed. Returns, per completion, its token ids (the stop
     token kept, so the policy learns to stop), the sampler's log-prob of each token, and whether it was cut at
-    max_new_tokens."""
+    max_new_tokens. No stop ids (--dummy-weights): every completion runs to max_new_tokens, EOS included."""
     from vllm import SamplingParams
 
     params = [
@@ -75,7 +78,7 @@ def generate_vllm(
             seed=s,
             logprobs=0,
             stop_token_ids=stop_ids,
-            ignore_eos=False,
+            ignore_eos=not stop_ids,
             detokenize=False,  # only token ids are used: no detokenizing in the engine loop
         )
         for s in seeds

@@ -86,6 +86,28 @@ def to_row(obj, where: str) -> dict:
     return {**obj, "prompt": messages, "reward_model": rm, "ability": obj.get("ability", "general")}
 
 
+def to_rlvr_row(obj, where: str) -> dict:
+    """train_rlvr.py's rows: official rows pass through `to_row`; hub rows with problem/question + answer/solution
+    columns are mapped first (ability math, style rule, the boxed-answer instruction appended). GSM8K's "#### N" is
+    cut."""
+    if isinstance(obj, dict) and "prompt" not in obj and "messages" not in obj:
+        question = next((obj[k] for k in ("problem", "question", "query") if isinstance(obj.get(k), str)), None)
+        keys = ("answer", "final_answer", "ground_truth", "solution")
+        answer = next((obj[k] for k in keys if obj.get(k) is not None), None)
+        if question is None or answer is None:
+            raise ValueError(
+                f"{where}: need official fields, or a problem/question column and an answer/solution column; "
+                f"got {sorted(obj)}"
+            )
+        obj = {
+            "prompt": [{"role": "user", "content": f"{question}\n\n{MATH_INSTRUCTION}"}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": str(answer).split("####")[-1].strip()},
+            "extra_info": {"source": where},
+        }
+    return to_row(obj, where)
+
+
 def read_records(dataset: str, split: str = "train"):
     """Yield ("file:line", record) from a local .jsonl/.json/.parquet or a hub dataset, naming bad lines."""
     if os.path.exists(dataset) and dataset.endswith(".jsonl"):
@@ -149,13 +171,18 @@ class RewardModel:
         batch_size: int = 8,
         max_length: int = 4096,
         share_prefix: bool = False,
+        dummy_weights: bool = False,
     ):
+        import fit_check  # --dummy-weights: random weights from the folder's config.json
+
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{name_or_path}: the RM tokenizer has no chat template to render conversations")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype)
+        self.model = fit_check.from_pretrained(
+            AutoModelForSequenceClassification, name_or_path, dummy_weights, num_labels=1, dtype=dtype
+        )
         self.model.to(device).eval()
         if not hasattr(self.model, "score"):
             raise ValueError(f"{type(self.model).__name__}: expected a `score` head (Llama/Qwen/Mistral/Gemma RMs)")

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 import batching
 import bookkeeping
 import distributed
+import fit_check
 import generation
 import reward
 
@@ -166,6 +167,11 @@ class Args:
     """wandb project (with --track; the entity comes from WANDB_ENTITY or your default)"""
     sample_every: int = 10
     """print one prompt, completion and reward every N steps; 0 disables"""
+    dummy_weights: bool = False
+    """fit check: random weights in the models' config.json shapes (models/ ships the named ones), nothing downloaded,
+    every completion to --max-new-tokens, 2 steps; prints each phase's time and peak memory beside the plan"""
+    dummy_overrides: str = ""
+    """--dummy-weights: config.json fields to change in both models, e.g. num_hidden_layers=4 (a CPU-sized run)"""
 
 
 LOCAL = os.path.join(HERE, "local_models")
@@ -247,7 +253,7 @@ def step_prompt_indices(step: int, num_prompts: int, prompts_per_step: int, seed
 # ---- 2. rollout ----
 def build_policy(args: Args, accelerator: Accelerator, max_steps: int):
     """Policy (fp32 master weights), AdamW and the LR schedule, prepared by Accelerate for the launched backend."""
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = fit_check.from_pretrained(AutoModelForCausalLM, args.model, args.dummy_weights, dtype=torch.float32)
     if args.share_prompt:  # attention that skips the blocks the shared-prompt mask hides
         batching.use_shared_prefix_attention(model, args.model)
     if args.gradient_checkpointing:
@@ -387,16 +393,14 @@ def draw_minibatches(n: int, mb_size: int, epochs: int, seed: int, step: int) ->
     return out
 
 
-def train_on_batch(
-    model, ref_model, optimizer, scheduler, accelerator, args: Args, samples, advantages, loss_mask_seq, pad_id, step
-):
+def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args: Args, samples, pad_id, step):
     """Eq. 2-6 over one rollout batch: `num_minibatches` optimizer steps, `ppo_epochs` times.
 
     Returns (sums of per-token statistics, grad norms). Raises FloatingPointError on a non-finite gradient norm
     (all ranks see the same all-reduced norm, so all stop): before the optimizer step, or under DeepSpeed, whose
     engine steps inside backward, just after it; the message says which. samples = (prompt_ids, completion_ids,
-    sampler_logprobs or None), one entry per completion, as `rollout` returns them."""
-    prompt_ids, completion_ids, sampler_logprobs = samples
+    sampler_logprobs or None, advantages (n,), loss_mask_seq (n,)), one entry per completion, groups contiguous."""
+    prompt_ids, completion_ids, sampler_logprobs, advantages, loss_mask_seq = samples
     device, world, n = accelerator.device, accelerator.num_processes, len(completion_ids)
     model.train()
     group = args.num_generations if args.share_prompt else 1  # --share-prompt: one prompt forward per group
@@ -491,12 +495,13 @@ def build_models(args: Args, accelerator, max_steps: int, log, need_reward_model
     with distributed.replicated_loading():  # frozen models: whole on every rank, never prepared
         reward_model = reward.RewardModel(args.reward_model, device=str(accelerator.device), dtype=dtype,
                                           batch_size=args.rm_batch_size, max_length=args.rm_max_length,
-                                          share_prefix=args.share_prompt) if need_reward_model else None  # fmt: skip
-        ref_model = (distributed.frozen_policy(args.model, dtype, accelerator.device, args.share_prompt)
-                     if args.kl_coef > 0 else None)  # fmt: skip
+                                          share_prefix=args.share_prompt, dummy_weights=args.dummy_weights,
+                                          ) if need_reward_model else None  # fmt: skip
+        ref_model = (distributed.frozen_policy(args.model, dtype, accelerator.device, args.share_prompt,
+                                               args.dummy_weights) if args.kl_coef > 0 else None)  # fmt: skip
     max_len, seed = args.max_prompt_length + args.max_new_tokens, args.seed + accelerator.process_index
     llm = generation.build_vllm(args.model, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization,
-                                args.vllm_sleep) if args.use_vllm else None  # fmt: skip
+                                args.vllm_sleep, args.dummy_weights) if args.use_vllm else None  # fmt: skip
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     run = f"{distributed.backend(accelerator)}, {accelerator.num_processes} process(es), {precision}"
     log(f"backend: {run}, grad clip {distributed.clip_norm(model, accelerator, args.max_grad_norm)}")
@@ -522,12 +527,15 @@ def main(args: Args):
     max_steps = args.max_steps or args.num_epochs * math.ceil(len(rows) / args.prompts_per_step)
     if writer is not None:  # --max-prompt-length silently shortens the data otherwise
         writer.add_scalar("charts/prompts_dropped", n_dropped, 0)
-    eos_ids = generation.eos_token_ids(tokenizer, args.model)  # EOS ids and the chat template's turn end
+    # EOS ids and the chat template's turn end; none with --dummy-weights: every completion runs to the limit
+    eos_ids = [] if args.dummy_weights else generation.eos_token_ids(tokenizer, args.model)
     log(f"stop ids: {eos_ids}")
     log(f"data: {len(rows)} prompts ({n_dropped} over {args.max_prompt_length} tokens dropped), {max_steps} steps")
 
     # ---- setup: policy + optimizer, reward model, optional reference, vLLM engine; resume ----
-    model, optimizer, scheduler, reward_model, ref_model, llm = build_models(args, accelerator, max_steps, log)
+    phases = bookkeeping.Phases(device)  # time and peak memory of each phase, every step
+    with phases("setup"):
+        model, optimizer, scheduler, reward_model, ref_model, llm = build_models(args, accelerator, max_steps, log)
     sleep = llm is not None and args.vllm_sleep and torch.cuda.is_available()  # GPU only
     start_step = bookkeeping.resume(accelerator, args.output_dir, log)["step"] if args.resume else 0
     if llm is not None and start_step > 0:
@@ -551,21 +559,20 @@ def main(args: Args):
 
         # ---- 2. rollout: G completions per prompt ----
         model.eval()
-        t0 = time.time()
-        out = rollout(llm, model, accelerator, args, prompt_ids_all, indices, step, eos_ids, pad_id)
+        with phases("rollout"):
+            out = rollout(llm, model, accelerator, args, prompt_ids_all, indices, step, eos_ids, pad_id)
         prompt_ids, completion_ids, sampler_logprobs, truncated = out
-        t_rollout = time.time() - t0
         if sleep:  # free GPU memory for the update; the trained weights are pushed at wake-up (never stale)
-            generation.vllm_sleep(llm)
+            with phases("sleep"):
+                generation.vllm_sleep(llm)
 
         # ---- 3. reward: the judge's score (reward.compute_rewards routes by reward_model.style), shaped (eq. 7) ----
-        t0 = time.time()
         responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         judged = batch_rows if args.judge == "row" else [{**r, "reward_model": {"style": "model"}} for r in batch_rows]
-        scores_list, reward_stats, outcomes = reward.compute_rewards(judged, responses, reward_model)
+        with phases("reward"):
+            scores_list, reward_stats, outcomes = reward.compute_rewards(judged, responses, reward_model)
         scores = torch.tensor(scores_list, dtype=torch.float32, device=device)  # (B_local*G,)
         rewards, loss_mask_seq = shape_rewards(scores, completion_ids, truncated, args)
-        t_reward = time.time() - t0
 
         # ---- 4. advantages (eq. 1) ----
         # ALGO LOGIC: groups never straddle ranks, so the group statistics are local.
@@ -573,35 +580,33 @@ def main(args: Args):
         advantages = compute_advantages(rewards, G, args.scale_rewards, batch_std=all_rewards.std())  # (B_local*G,)
 
         # ---- 5. update: mini-batches x epochs, micro-batches by token budget (eq. 2-6) ----
-        t0 = time.time()
-        samples = (prompt_ids, completion_ids, sampler_logprobs)
-        sums, grad_norms = train_on_batch(
-            model, ref_model, optimizer, scheduler, accelerator, args, samples, advantages, loss_mask_seq, pad_id, step
-        )
-        t_train = time.time() - t0
+        samples = (prompt_ids, completion_ids, sampler_logprobs, advantages, loss_mask_seq)
+        with phases("train"):
+            sums, grad_norms = train_on_batch(
+                model, ref_model, optimizer, scheduler, accelerator, args, samples, pad_id, step
+            )
 
         # ---- 6. sync: the new weights into vLLM ----
-        t0 = time.time()
-        if sleep:
-            generation.vllm_wake_and_sync(llm, model, accelerator)
-        elif llm is not None:
-            generation.sync_weights(llm, model, accelerator)
-        t_sync = time.time() - t0
+        with phases("weight_sync"):
+            if sleep:
+                generation.vllm_wake_and_sync(llm, model, accelerator)
+            elif llm is not None:
+                generation.sync_weights(llm, model, accelerator)
 
         # ---- 7. log: one console line, TensorBoard, every sample to rollouts.jsonl ----
         tis, kl = sampler_logprobs is not None and args.tis_cap > 0, ref_model is not None
         metrics = bookkeeping.train_metrics(sums, grad_norms, scheduler, accelerator, tis, kl)
         metrics |= bookkeeping.completion_metrics(completion_ids, truncated, eos_ids, tokenizer, accelerator)
-        step_time = time.time() - t_step
-        times = dict(rollout=t_rollout, reward=t_reward, train=t_train, weight_sync=t_sync, step=step_time)
+        step_time, phase_times = time.time() - t_step, phases.line()
         metrics |= {
-            "charts/tokens_per_sec": metrics.pop("completions/tokens") / max(t_rollout, 1e-9),
+            "charts/tokens_per_sec": metrics.pop("completions/tokens") / max(phases.seconds["rollout"], 1e-9),
             "charts/episodes": (step + 1) * args.prompts_per_step * G,
             "rewards/mean": float(all_rewards.mean()),
             "rewards/std": float(all_rewards.std()),
             "rewards/frac_zero_std": float((all_rewards.view(-1, G).std(dim=1) < 1e-6).float().mean()),
             **{k: float(v) for k, v in reward_stats.items()},  # per-rank: rank 0's share
-            **{f"time/{k}": v for k, v in times.items()},  # time/rollout, time/reward, ...
+            **phases.take(),  # time/rollout, memory/rollout_gib, ... (bookkeeping.Phases)
+            "time/step": step_time,
         }
         if eval_rows and ((step + 1) % args.eval_every == 0 or step + 1 == max_steps):
             model.eval()
@@ -618,7 +623,7 @@ def main(args: Args):
             f"| len {m['completions/mean_length']:6.1f} clip {m['completions/clipped_ratio']:.2f} "
             f"| loss {m['losses/policy_loss']:+.5f} ent {m['losses/entropy']:.3f} gnorm {m['losses/grad_norm']:.3f} "
             + (f"| eval {m['eval/accuracy']:.4f} " if "eval/accuracy" in m else "")
-            + f"| {step_time:5.1f}s (roll {t_rollout:.1f} rew {t_reward:.1f} train {t_train:.1f} sync {t_sync:.2f})"
+            + f"| {step_time:5.1f}s ({phase_times})"
         )
         if args.sample_every and (step + 1) % args.sample_every == 0:
             prompt, completion = batch_rows[0]["prompt"][-1]["content"], responses[0]
@@ -627,8 +632,11 @@ def main(args: Args):
 
         # ---- 8. checkpoint ----
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == max_steps:
-            bookkeeping.save_checkpoint(accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last)
+            with phases("checkpoint"):
+                bookkeeping.save_checkpoint(accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last)
 
+    if args.dummy_weights:  # the fit check: each phase's time and memory against the plan (fit_check.py)
+        fit_check.report(phases, args, accelerator, prompt_ids, completion_ids, reward_model is not None, llm, log)
     if accelerator.is_main_process:
         rollout_file.close()
         writer.close()

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 import batching
 import bookkeeping
 import distributed
+import fit_check
 import generation
 import reward
 
@@ -164,6 +165,11 @@ class Args:
     """wandb project (with --track; the entity comes from WANDB_ENTITY or your default)"""
     sample_every: int = 10
     """print one prompt, completion and reward every N steps; 0 disables"""
+    dummy_weights: bool = False
+    """fit check: random weights in the models' config.json shapes (models/ ships the named ones), nothing downloaded,
+    every completion to --max-new-tokens, 2 steps; prints each phase's time and peak memory beside the plan"""
+    dummy_overrides: str = ""
+    """--dummy-weights: config.json fields to change in both models, e.g. num_hidden_layers=4 (a CPU-sized run)"""
 
 
 LOCAL = os.path.join(HERE, "local_models")
@@ -235,32 +241,11 @@ def step_prompt_indices(step: int, num_prompts: int, prompts_per_step: int, seed
     return out
 
 
-def to_rlvr_row(obj, where: str) -> dict:
-    """Official rows pass through `reward.to_row`; hub rows with problem/question + answer/solution columns are
-    mapped first (ability math, style rule, the boxed-answer instruction appended). GSM8K's "#### N" is cut."""
-    if isinstance(obj, dict) and "prompt" not in obj and "messages" not in obj:
-        question = next((obj[k] for k in ("problem", "question", "query") if isinstance(obj.get(k), str)), None)
-        keys = ("answer", "final_answer", "ground_truth", "solution")
-        answer = next((obj[k] for k in keys if obj.get(k) is not None), None)
-        if question is None or answer is None:
-            raise ValueError(
-                f"{where}: need official fields, or a problem/question column and an answer/solution column; "
-                f"got {sorted(obj)}"
-            )
-        obj = {
-            "prompt": [{"role": "user", "content": f"{question}\n\n{reward.MATH_INSTRUCTION}"}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": str(answer).split("####")[-1].strip()},
-            "extra_info": {"source": where},
-        }
-    return reward.to_row(obj, where)
-
-
 # ---- 2. rollout ----
 # Copied from train_grlo.build_policy
 def build_policy(args: Args, accelerator: Accelerator, max_steps: int):
     """Policy (fp32 master weights), AdamW and the LR schedule, prepared by Accelerate for the launched backend."""
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = fit_check.from_pretrained(AutoModelForCausalLM, args.model, args.dummy_weights, dtype=torch.float32)
     if args.share_prompt:  # attention that skips the blocks the shared-prompt mask hides
         batching.use_shared_prefix_attention(model, args.model)
     if args.gradient_checkpointing:
@@ -416,16 +401,14 @@ def draw_minibatches(n: int, mb_size: int, epochs: int, seed: int, step: int) ->
 
 
 # Copied from train_grlo.train_on_batch
-def train_on_batch(
-    model, ref_model, optimizer, scheduler, accelerator, args: Args, samples, advantages, loss_mask_seq, pad_id, step
-):
+def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args: Args, samples, pad_id, step):
     """Eq. 2-6 over one rollout batch: `num_minibatches` optimizer steps, `ppo_epochs` times.
 
     Returns (sums of per-token statistics, grad norms). Raises FloatingPointError on a non-finite gradient norm
     (all ranks see the same all-reduced norm, so all stop): before the optimizer step, or under DeepSpeed, whose
     engine steps inside backward, just after it; the message says which. samples = (prompt_ids, completion_ids,
-    sampler_logprobs or None), one entry per completion, as `rollout` returns them."""
-    prompt_ids, completion_ids, sampler_logprobs = samples
+    sampler_logprobs or None, advantages (n,), loss_mask_seq (n,)), one entry per completion, groups contiguous."""
+    prompt_ids, completion_ids, sampler_logprobs, advantages, loss_mask_seq = samples
     device, world, n = accelerator.device, accelerator.num_processes, len(completion_ids)
     model.train()
     group = args.num_generations if args.share_prompt else 1  # --share-prompt: one prompt forward per group
@@ -522,12 +505,13 @@ def build_models(args: Args, accelerator, max_steps: int, log, need_reward_model
     with distributed.replicated_loading():  # frozen models: whole on every rank, never prepared
         reward_model = reward.RewardModel(args.reward_model, device=str(accelerator.device), dtype=dtype,
                                           batch_size=args.rm_batch_size, max_length=args.rm_max_length,
-                                          share_prefix=args.share_prompt) if need_reward_model else None  # fmt: skip
-        ref_model = (distributed.frozen_policy(args.model, dtype, accelerator.device, args.share_prompt)
-                     if args.kl_coef > 0 else None)  # fmt: skip
+                                          share_prefix=args.share_prompt, dummy_weights=args.dummy_weights,
+                                          ) if need_reward_model else None  # fmt: skip
+        ref_model = (distributed.frozen_policy(args.model, dtype, accelerator.device, args.share_prompt,
+                                               args.dummy_weights) if args.kl_coef > 0 else None)  # fmt: skip
     max_len, seed = args.max_prompt_length + args.max_new_tokens, args.seed + accelerator.process_index
     llm = generation.build_vllm(args.model, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization,
-                                args.vllm_sleep) if args.use_vllm else None  # fmt: skip
+                                args.vllm_sleep, args.dummy_weights) if args.use_vllm else None  # fmt: skip
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     run = f"{distributed.backend(accelerator)}, {accelerator.num_processes} process(es), {precision}"
     log(f"backend: {run}, grad clip {distributed.clip_norm(model, accelerator, args.max_grad_norm)}")
@@ -541,25 +525,32 @@ def main(args: Args):
     # ---- 1. data: rows with ground truth, the policy's chat template, overlong prompts dropped; held-out set ----
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = reward.load_rows(args.dataset, args.dataset_split, to_rlvr_row)  # bad records stop here, with file:line
+    rows = reward.load_rows(
+        args.dataset, args.dataset_split, reward.to_rlvr_row
+    )  # bad records stop here, with file:line
     rows, prompt_ids_all, n_dropped = tokenize_prompts(rows, tokenizer, args.max_prompt_length)
     if not rows:
         raise ValueError(f"{args.dataset}: no prompt fits --max-prompt-length {args.max_prompt_length}")
     eval_rows, eval_ids = [], []
     if args.eval_dataset and args.eval_every:
-        eval_rows = reward.load_rows(args.eval_dataset, "test", to_rlvr_row)[: args.eval_limit or None]
+        eval_rows = reward.load_rows(args.eval_dataset, "test", reward.to_rlvr_row)[: args.eval_limit or None]
         eval_rows, eval_ids, _ = tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
     reward.check_sandbox(rows + eval_rows)  # rows judged by running code: the sandbox must work before anything loads
     max_steps = args.max_steps or args.num_epochs * math.ceil(len(rows) / args.prompts_per_step)
     if writer is not None:  # --max-prompt-length silently shortens the data otherwise
         writer.add_scalar("charts/prompts_dropped", n_dropped, 0)
-    eos_ids = generation.eos_token_ids(tokenizer, args.model)  # EOS ids and the chat template's turn end
+    # EOS ids and the chat template's turn end; none with --dummy-weights: every completion runs to the limit
+    eos_ids = [] if args.dummy_weights else generation.eos_token_ids(tokenizer, args.model)
     log(f"stop ids: {eos_ids}")
     log(f"data: {len(rows)} prompts ({n_dropped} over {args.max_prompt_length} tokens dropped), {max_steps} steps")
 
     # ---- setup: policy + optimizer, reward model only if a row asks for it, optional reference, vLLM; resume ----
     need_rm = any(r["reward_model"]["style"] == "model" for r in rows)
-    model, optimizer, scheduler, reward_model, ref_model, llm = build_models(args, accelerator, max_steps, log, need_rm)
+    phases = bookkeeping.Phases(device)  # time and peak memory of each phase, every step
+    with phases("setup"):
+        model, optimizer, scheduler, reward_model, ref_model, llm = build_models(
+            args, accelerator, max_steps, log, need_rm
+        )
     sleep = llm is not None and args.vllm_sleep and torch.cuda.is_available()  # GPU only
     # data_round counts rollout rounds (the data cursor): dynamic sampling makes it run ahead of the step
     saved = bookkeeping.resume(accelerator, args.output_dir, log) if args.resume else {"step": 0}
@@ -582,19 +573,17 @@ def main(args: Args):
         # TRY NOT TO MODIFY: every rank runs the same number of rounds (the stop test is all-reduced), and
         # prompts come from the global order by round, so resume needs only the round cursor.
         model.eval()
-        kept, dropped, seen_scores, count_stats, n_math_seen, t_rollout, t_reward = [], [], [], {}, 0, 0.0, 0.0
+        kept, dropped, seen_scores, count_stats, n_math_seen = [], [], [], {}, 0
         for rounds in range(1, args.max_sampling_rounds + 1):
             indices = step_prompt_indices(data_round, len(rows), args.prompts_per_step, args.seed)
             indices = indices[rank * B_local : (rank + 1) * B_local]
-            t0 = time.time()
-            out = rollout(llm, model, accelerator, args, prompt_ids_all, indices, data_round, eos_ids, pad_id)
+            with phases("rollout"):  # rounds add up
+                out = rollout(llm, model, accelerator, args, prompt_ids_all, indices, data_round, eos_ids, pad_id)
             prompt_ids, completion_ids, sampler_logprobs, truncated = out
-            t_rollout += time.time() - t0
-            t0 = time.time()
             batch_rows = [rows[i] for i in indices for _ in range(G)]
             responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            scores, reward_stats, outcomes = reward.compute_rewards(batch_rows, responses, reward_model)
-            t_reward += time.time() - t0
+            with phases("reward"):
+                scores, reward_stats, outcomes = reward.compute_rewards(batch_rows, responses, reward_model)
             data_round += 1
             seen_scores += scores
             n_math_seen += sum(r["ability"] == "math" for r in batch_rows)
@@ -615,7 +604,8 @@ def main(args: Args):
         batch_rows, prompt_ids, completion_ids, sampler_logprobs, truncated, responses, scores, outcomes = flat.values()
         sampler_logprobs = sampler_logprobs if llm is not None else None
         if sleep:  # free GPU memory for the update; the trained weights are pushed at wake-up (never stale)
-            generation.vllm_sleep(llm)
+            with phases("sleep"):
+                generation.vllm_sleep(llm)
         scores_t = torch.tensor(scores, dtype=torch.float32, device=device)  # (B_local*G,)
         rewards, loss_mask_seq = shape_rewards(scores_t, completion_ids, truncated, args)  # eq. 7
 
@@ -624,20 +614,18 @@ def main(args: Args):
         advantages = compute_advantages(rewards, G, args.scale_rewards, batch_std=all_rewards.std())  # (B_local*G,)
 
         # ---- 5. update: mini-batches x epochs, micro-batches by token budget (eq. 2-6) ----
-        t0 = time.time()
-        samples = (prompt_ids, completion_ids, sampler_logprobs)
-        sums, grad_norms = train_on_batch(
-            model, ref_model, optimizer, scheduler, accelerator, args, samples, advantages, loss_mask_seq, pad_id, step
-        )
-        t_train = time.time() - t0
+        samples = (prompt_ids, completion_ids, sampler_logprobs, advantages, loss_mask_seq)
+        with phases("train"):
+            sums, grad_norms = train_on_batch(
+                model, ref_model, optimizer, scheduler, accelerator, args, samples, pad_id, step
+            )
 
         # ---- 6. sync: the new weights into vLLM ----
-        t0 = time.time()
-        if sleep:
-            generation.vllm_wake_and_sync(llm, model, accelerator)
-        elif llm is not None:
-            generation.sync_weights(llm, model, accelerator)
-        t_sync = time.time() - t0
+        with phases("weight_sync"):
+            if sleep:
+                generation.vllm_wake_and_sync(llm, model, accelerator)
+            elif llm is not None:
+                generation.sync_weights(llm, model, accelerator)
 
         # ---- 7. log: one console line, TensorBoard, rollouts.jsonl; held-out accuracy every eval_every ----
         tis, kl = sampler_logprobs is not None and args.tis_cap > 0, ref_model is not None
@@ -645,10 +633,9 @@ def main(args: Args):
         metrics |= bookkeeping.completion_metrics(completion_ids, truncated, eos_ids, tokenizer, accelerator)
         seen = accelerator.gather(torch.tensor(seen_scores, device=device))
         counts = accelerator.reduce(torch.tensor([n_signal, len(batch)], dtype=torch.float32, device=device), "sum")
-        step_time = time.time() - t_step
-        times = dict(rollout=t_rollout, reward=t_reward, train=t_train, weight_sync=t_sync, step=step_time)
+        step_time, phase_times = time.time() - t_step, phases.line()
         metrics |= {
-            "charts/tokens_per_sec": metrics.pop("completions/tokens") / max(t_rollout, 1e-9),
+            "charts/tokens_per_sec": metrics.pop("completions/tokens") / max(phases.seconds["rollout"], 1e-9),
             "charts/episodes": data_round * args.prompts_per_step * G,
             "charts/sampling_rounds": rounds,
             "rewards/accuracy": float(seen.mean()),
@@ -657,7 +644,8 @@ def main(args: Args):
             "rewards/frac_zero_std": float(1 - has_signal(seen.float().cpu(), G).float().mean()),
             "rewards/batch_signal_frac": float(counts[0] / counts[1]),
             **{k: float(v) for k, v in count_stats.items()},  # per-rank counts: rank 0's share
-            **{f"time/{k}": v for k, v in times.items()},  # time/rollout, time/reward, ...
+            **phases.take(),  # time/rollout, memory/rollout_gib, ... (bookkeeping.Phases)
+            "time/step": step_time,
         }
         if n_math_seen and "rewards/math_no_answer" in count_stats:  # share of math answers math-verify could parse
             metrics["rewards/format"] = 1 - count_stats["rewards/math_no_answer"] / n_math_seen
@@ -675,7 +663,7 @@ def main(args: Args):
             f"clip {m['completions/clipped_ratio']:.2f} | loss {m['losses/policy_loss']:+.5f} "
             f"gnorm {m['losses/grad_norm']:.3f} "
             + (f"| eval {m['eval/accuracy']:.4f} " if "eval/accuracy" in m else "")
-            + f"| {step_time:5.1f}s (roll {t_rollout:.1f} rew {t_reward:.1f} train {t_train:.1f} sync {t_sync:.2f})"
+            + f"| {step_time:5.1f}s ({phase_times})"
         )
         if args.sample_every and (step + 1) % args.sample_every == 0:
             prompt, completion = batch_rows[0]["prompt"][-1]["content"], responses[0]
@@ -683,10 +671,13 @@ def main(args: Args):
 
         # ---- 8. checkpoint, with the data cursor ----
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == max_steps:
-            bookkeeping.save_checkpoint(
-                accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last, {"data_round": data_round}
-            )
+            with phases("checkpoint"):
+                bookkeeping.save_checkpoint(
+                    accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last, {"data_round": data_round}
+                )
 
+    if args.dummy_weights:  # the fit check: each phase's time and memory against the plan (fit_check.py)
+        fit_check.report(phases, args, accelerator, prompt_ids, completion_ids, reward_model is not None, llm, log)
     if accelerator.is_main_process:
         rollout_file.close()
         writer.close()

@@ -81,9 +81,8 @@ def main(policy: str, rm_path: str):
     prompt_ids = [[5, 6, 7, 8]] * 4
     completion_ids = [[9 + k] * (3 if rank == 0 else 12) for k in range(4)]
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], device=acc.device)
-    samples = (prompt_ids, completion_ids, None)
-    sums, grad_norms = tg.train_on_batch(model, ref, optimizer, scheduler, acc, args, samples, advantages,
-                                         torch.ones(4, device=acc.device), pad_id=0, step=0)  # fmt: skip
+    samples = (prompt_ids, completion_ids, None, advantages, torch.ones(4, device=acc.device))
+    sums, grad_norms = tg.train_on_batch(model, ref, optimizer, scheduler, acc, args, samples, pad_id=0, step=0)
     plain_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
     plain = get_scheduler("linear", plain_opt, args.warmup_steps * 2, 3 * 2)  # what one process steps
     for _ in range(len(grad_norms)):

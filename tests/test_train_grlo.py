@@ -230,8 +230,8 @@ def one_update(policy_path: str, samples, advantages, loss_mask_seq, **kw):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     a = args_for(**{"max_grad_norm": 1e9, "token_budget": 4096, "num_minibatches": 1, "ppo_epochs": 1, **kw})
-    tg.train_on_batch(model, None, optimizer, scheduler, Accelerator(cpu=True), a, samples, advantages,
-                      loss_mask_seq, 0, step=3)  # fmt: skip
+    samples = (*samples, advantages, loss_mask_seq)
+    tg.train_on_batch(model, None, optimizer, scheduler, Accelerator(cpu=True), a, samples, 0, step=3)
     return {k: v.detach() - before[k] for k, v in model.named_parameters()}
 
 

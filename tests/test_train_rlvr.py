@@ -16,23 +16,23 @@ SMOKE = ["--preset", "cpu-smoke"]
 
 
 def test_hub_columns_map_to_verifiable_rows():
-    math500 = tr.to_rlvr_row({"problem": "What is $1+1$?", "answer": "2", "subject": "x"}, "hub:row 0")
+    math500 = reward.to_rlvr_row({"problem": "What is $1+1$?", "answer": "2", "subject": "x"}, "hub:row 0")
     assert math500["reward_model"] == {"style": "rule", "ground_truth": "2"} and math500["ability"] == "math"
     assert math500["prompt"][0]["content"].endswith(reward.MATH_INSTRUCTION)
-    gsm8k = tr.to_rlvr_row({"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 7"}, "hub:row 1")
+    gsm8k = reward.to_rlvr_row({"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 7"}, "hub:row 1")
     assert gsm8k["reward_model"]["ground_truth"] == "7"
     dapo = {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "Solve x"}], "ability": "MATH",
             "reward_model": {"style": "rule", "ground_truth": "34"}, "extra_info": {"index": "a"}}  # fmt: skip
-    assert tr.to_rlvr_row(dict(dapo), "hub:row 2") == dapo  # official format passes through unchanged
+    assert reward.to_rlvr_row(dict(dapo), "hub:row 2") == dapo  # official format passes through unchanged
     with pytest.raises(ValueError, match=r"hub:row 3: need official fields"):
-        tr.to_rlvr_row({"text": "no question here"}, "hub:row 3")
+        reward.to_rlvr_row({"text": "no question here"}, "hub:row 3")
     with pytest.raises(ValueError, match=r"f.jsonl:4: field 'reward_model.ground_truth' is empty"):
-        tr.to_rlvr_row({**dapo, "reward_model": {"style": "rule", "ground_truth": ""}}, "f.jsonl:4")
+        reward.to_rlvr_row({**dapo, "reward_model": {"style": "rule", "ground_truth": ""}}, "f.jsonl:4")
 
 
 def test_bundled_sets_load_with_ground_truth():
     for name in ("arith_train", "arith_test", "code_tasks"):
-        rows = [tr.to_rlvr_row(o, w) for w, o in reward.read_records(os.path.join(ROOT, "data", f"{name}.jsonl"))]
+        rows = [reward.to_rlvr_row(o, w) for w, o in reward.read_records(os.path.join(ROOT, "data", f"{name}.jsonl"))]
         assert rows and all(r["reward_model"]["style"] == "rule" and r["reward_model"]["ground_truth"] for r in rows)
 
 
