@@ -87,7 +87,8 @@ def word_tokenizer(vocab_size: int):
 def dummy_models(args, log) -> None:
     """--dummy-weights, at start-up: point --model and --reward-model at folders holding their config.json (with
     --dummy-overrides) and a `word_tokenizer`, in a temporary folder of this process (removed at exit); without
-    2 steps (the first warms up: CUDA graphs, the allocator; the report reads the second), never a resume."""
+    2 steps (the first warms up: CUDA graphs, the allocator; the report reads the second), never a resume, no held-out
+    evaluation, and (train_rlvr.py) one sampling round a step."""
     root = tempfile.mkdtemp(prefix="grlo-dummy-")
     atexit.register(shutil.rmtree, root, True)
     overrides = parse_overrides(args.dummy_overrides)
@@ -109,6 +110,9 @@ def dummy_models(args, log) -> None:
         changed = f", changed: {overrides}" if overrides else ""
         log(f"dummy weights: --{flag.replace('_', '-')} {name}: {n / 1e9:.3f} B random parameters (config{changed})")
     args.max_steps = 2
+    args.eval_dataset = None  # held-out accuracy is no phase of a step
+    if hasattr(args, "max_sampling_rounds"):  # train_rlvr.py: random weights earn no signal; one round a step
+        args.max_sampling_rounds = 1
     if args.resume:
         raise ValueError("--dummy-weights with --resume: a dummy run has nothing to resume")
 
@@ -144,9 +148,11 @@ def shapes(path: str, sequence_classifier: bool = False) -> dict:
     """Parameter counts (on the meta device: no memory) and the widths the plan needs, from a folder's config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    import distributed
+
     config = AutoConfig.from_pretrained(path, **({"num_labels": 1} if sequence_classifier else {}))
     cls = AutoModelForSequenceClassification if sequence_classifier else AutoModelForCausalLM
-    with torch.device("meta"):
+    with torch.device("meta"), distributed.replicated_loading():  # never under ZeRO-3's zero.Init
         model = cls.from_config(config)
     c = getattr(config, "text_config", None) or config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -212,7 +218,7 @@ def plan(policy: dict, rm, *, backend: str, world: int, bf16: bool, tokens: int,
         "rollout": total(resident) + vllm_gib,
         "reward": total(resident) + vllm,
         "train": total(resident) + vllm + total(update),
-        "weight_sync": total(resident) + vllm_gib + 2 * policy["largest"] * a / G,
+        "weight_sync": total(resident) + vllm_gib + (2 * policy["largest"] * a / G if vllm_gib else 0.0),
     }
     to_gib = lambda d: {k: v / G for k, v in d.items()}  # noqa: E731
     return dict(resident=to_gib(resident), update=to_gib(update), vllm_gib=vllm_gib, phases=phases)
@@ -332,12 +338,31 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def plan_table(policy: dict, rm, backends: list, world: int, gpu_gib: float, vllm_share: float, **kw) -> str:
+    """docs/gpu.md's plan tables: one column per backend, GiB per GPU, at --token-budget 16384 with checkpointing."""
+    plans = {b: plan(policy, rm, backend=b, world=world if b != "single" else 1, vllm_gib=vllm_share * gpu_gib,
+                     sleep=True, **kw) for b in backends}  # fmt: skip
+    rows = [f"| GiB per GPU | {' | '.join(backends)} |", "|---|" + "---:|" * len(backends)]
+    for part in ("resident", "update"):
+        for key in dict.fromkeys(k for p in plans.values() for k in p[part]):
+            rows.append(f"| {part}: {key} | " + " | ".join(f"{p[part].get(key, 0):.2f}" for p in plans.values()) + " |")
+    for phase in ("rollout", "reward", "train", "weight_sync"):
+        cells = [f"{p['phases'][phase]:.1f} ({100 * p['phases'][phase] / gpu_gib:.0f}%)" for p in plans.values()]
+        rows.append(f"| **{phase}** | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":  # the plan tables of docs/gpu.md, from the shipped configs
-    pol, rm8 = (
-        shapes(config_source("", "Qwen/Qwen3-4B-Base")),
-        shapes(config_source("", SHIPPED and "Skywork/Skywork-Reward-V2-Llama-3.1-8B"), True),
+    paper = dict(bf16=True, tokens=16384, gradient_checkpointing=True, ref=False, overhead_gib=3.0, logprob_chunk=1024)
+    q4, q17 = (shapes(config_source("", f"Qwen/Qwen3-{n}-Base")) for n in ("4B", "1.7B"))
+    sky8, sky06 = (
+        shapes(config_source("", f"Skywork/Skywork-Reward-V2-{n}"), True) for n in ("Llama-3.1-8B", "Qwen3-0.6B")
     )
-    for b in ("ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"):
-        p = plan(pol, rm8, backend=b, world=4, bf16=True, token_budget=16384, gradient_checkpointing=True, ref=False,
-                 vllm_gib=0.3 * 79.3, sleep=True, overhead_gib=3.0)  # fmt: skip
-        print(b, {k: round(v, 2) for k, v in p["resident"].items()}, {k: round(v, 1) for k, v in p["phases"].items()})
+    print(f"Qwen3-4B-Base {q4['params'] / 1e9:.2f} B + Skywork-Reward-V2-Llama-3.1-8B {sky8['params'] / 1e9:.2f} B, "
+          "4 x 80 GB (79.3 GiB), vLLM 0.3 (sleeping in reward and train):\n")  # fmt: skip
+    print(plan_table(q4, sky8, ["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"], 4, 79.3, 0.3, **paper))
+    print(f"\nQwen3-1.7B-Base {q17['params'] / 1e9:.2f} B + Skywork-Reward-V2-Qwen3-0.6B {sky06['params'] / 1e9:.2f} B, "
+          "one 80 GB GPU, vLLM 0.3:\n")  # fmt: skip
+    print(plan_table(q17, sky06, ["single"], 1, 79.3, 0.3, **paper))
+    print("\nQwen3-4B-Base + Skywork-Reward-V2-Llama-3.1-8B, one process on one H200 (139 GiB; bench/gpu_check.sh):\n")
+    print(plan_table(q4, sky8, ["single"], 1, 139.0, 0.3, **paper))
