@@ -361,8 +361,8 @@ if __name__ == "__main__":  # the plan tables of docs/gpu.md, from the shipped c
     print(f"Qwen3-4B-Base {q4['params'] / 1e9:.2f} B + Skywork-Reward-V2-Llama-3.1-8B {sky8['params'] / 1e9:.2f} B, "
           "4 x 80 GB (79.3 GiB), vLLM 0.3 (sleeping in reward and train):\n")  # fmt: skip
     print(plan_table(q4, sky8, ["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"], 4, 79.3, 0.3, **paper))
-    print(f"\nQwen3-1.7B-Base {q17['params'] / 1e9:.2f} B + Skywork-Reward-V2-Qwen3-0.6B {sky06['params'] / 1e9:.2f} B, "
-          "one 80 GB GPU, vLLM 0.3:\n")  # fmt: skip
+    print(f"\nQwen3-1.7B-Base {q17['params'] / 1e9:.2f} B + Skywork-Reward-V2-Qwen3-0.6B "
+          f"{sky06['params'] / 1e9:.2f} B, one 80 GB GPU, vLLM 0.3:\n")  # fmt: skip
     print(plan_table(q17, sky06, ["single"], 1, 79.3, 0.3, **paper))
     print("\nQwen3-4B-Base + Skywork-Reward-V2-Llama-3.1-8B, one process on one H200 (139 GiB; bench/gpu_check.sh):\n")
     print(plan_table(q4, sky8, ["single"], 1, 139.0, 0.3, **paper))
