@@ -65,13 +65,20 @@ def completion_logprobs(model, batch: dict, temperature: float, chunk_tokens: Op
     never exists, not even for backward: at 16K tokens x 151,936 vocabulary it would take 10 GiB. Default chunk:
     1024 rows on GPU (few kernel launches); on CPU ~1 MB of fp32 logits, which stays in cache for the dozen passes
     over each row (measured 4-5x faster than 1024-row chunks on SmolLM2's 49k vocabulary)."""
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=batch["logits_keep"],
-        shared_prefix_slots=batch["shared_prefix_slots"],
-    ).logits  # (rows, S*C, V): S slots per row
+    return logprobs_from_logits(model(**model_inputs(batch)).logits, batch, temperature, chunk_tokens)
+
+
+def model_inputs(batch: dict) -> dict:
+    """The forward's keyword arguments for a `collate` micro-batch: logits only on the columns that predict
+    completion tokens (`logits_keep`), the shared-prompt layout if any."""
+    return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=batch["logits_keep"],
+                shared_prefix_slots=batch["shared_prefix_slots"])  # fmt: skip
+
+
+def logprobs_from_logits(logits, batch: dict, temperature: float, chunk_tokens: Optional[int] = None):
+    """`completion_logprobs` after the forward: logits (rows, S*C, V) of the kept columns -> (b, C) log-probs and
+    entropies (train_ppo.py runs one forward for the policy and the critic, then this)."""
     C, V = batch["completion_ids"].shape[1], logits.shape[-1]
     logits = logits.reshape(-1, C, V)  # one row per slot
     if logits.shape[0] != len(batch["slot_rows"]):  # a group with fewer than S samples leaves empty slots

@@ -150,7 +150,12 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, k
     accelerator.save_state(os.path.join(tmp, "trainer_state"))  # every rank writes its own RNG file
     accelerator.wait_for_everyone()  # ... before rank 0 renames the folder under it
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        unwrapped = accelerator.unwrap_model(model)
+        # train_ppo.ActorCritic: the policy's HF folder on top (vLLM, evaluate.py), the critic's in critic/
+        for sub, prefix in getattr(unwrapped, "hf_parts", {"": ""}).items():
+            part = unwrapped.get_submodule(prefix.rstrip(".")) if prefix else unwrapped
+            own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            part.save_pretrained(os.path.join(tmp, sub), state_dict=own)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "trainer_state", "step.json"), "w") as f:
             json.dump({"step": step, **(extra_state or {})}, f)

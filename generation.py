@@ -151,8 +151,9 @@ def eos_token_ids(tokenizer, model_path: str) -> list:
     return sorted(i for i in ids if i is not None)
 
 
-def full_state_dict(model, accelerator: Accelerator):
-    """Yield (name, full tensor) on EVERY rank, whatever the sharding; tied lm_head included.
+def full_state_dict(model, accelerator: Accelerator, prefix: str = ""):
+    """Yield (name, full tensor) on EVERY rank, whatever the sharding; tied lm_head included. With a `prefix`
+    (train_ppo.py's "policy."), only the tensors under it, named without it.
 
     DDP: plain state_dict. FSDP2: DTensor.full_tensor() all-gathers each parameter. DeepSpeed ZeRO-3:
     GatheredParameters one parameter at a time (trl/trainer/grpo_trainer.py, _move_model_to_vllm), tested
@@ -162,24 +163,26 @@ def full_state_dict(model, accelerator: Accelerator):
         import deepspeed
 
         for name, param in unwrapped.named_parameters(remove_duplicate=False):  # keeps the tied lm_head
-            with deepspeed.zero.GatheredParameters([param]):
-                yield name, param.data
+            if name.startswith(prefix):
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield name[len(prefix) :], param.data
         return
     for name, tensor in unwrapped.state_dict().items():  # state_dict, NOT named_parameters: tied lm_head
-        yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        if name.startswith(prefix):
+            yield name[len(prefix) :], tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _push_weights(llm, model, accelerator: Accelerator) -> None:
+def _push_weights(llm, model, accelerator: Accelerator, prefix: str = "") -> None:
     """The worker's `reload_weights` (reached through collective_rpc, in-process) sets vLLM's config context
     around the model runner's in-place reload; `model.load_weights` fails on the CPU build because the
     weights were post-processed at load time."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model, accelerator)})
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model, accelerator, prefix)})
 
 
-def sync_weights(llm, model, accelerator: Accelerator) -> None:
-    """Reload the trained weights into this rank's vLLM engine in place, then drop KV blocks cached under the
-    old weights."""
-    _push_weights(llm, model, accelerator)
+def sync_weights(llm, model, accelerator: Accelerator, prefix: str = "") -> None:
+    """Reload the trained weights (those under `prefix`) into this rank's vLLM engine in place, then drop KV
+    blocks cached under the old weights."""
+    _push_weights(llm, model, accelerator, prefix)
     llm.reset_prefix_cache()
 
 
@@ -190,11 +193,11 @@ def vllm_sleep(llm) -> None:
     llm.sleep(level=2)
 
 
-def vllm_wake_and_sync(llm, model, accelerator: Accelerator) -> None:
+def vllm_wake_and_sync(llm, model, accelerator: Accelerator, prefix: str = "") -> None:
     """Wake vLLM after `vllm_sleep` with the TRAINED weights, never the discarded ones: weights first, push them,
     then the KV cache (verl/workers/sharding_manager/fsdp_vllm.py, __enter__). Each wake_up empties torch's
     cache itself (vllm/device_allocator/cumem.py, wake_up), so the update's blocks make room; the sleep cleared
     the prefix cache."""
     llm.wake_up(tags=["weights"])
-    _push_weights(llm, model, accelerator)
+    _push_weights(llm, model, accelerator, prefix)
     llm.wake_up(tags=["kv_cache"])

@@ -335,7 +335,7 @@ def policy_loss(logprobs, old_logprobs, advantages, args: Args, sampler_logprobs
     eq. 3  TIS: L *= min(pi_old / pi_vllm, C)     (vLLM sampled; corrects the sampler/trainer mismatch)
     eq. 4  L += kl_coef * KL_k(pi || pi_ref),  k1 = log(pi/pi_ref), k3 = exp(-d) + d - 1 with d = log(pi/pi_ref)
     eq. 5  L -= entropy_coef * H(pi)"""
-    A = advantages[:, None]  # (b, 1)
+    A = advantages[:, None] if advantages.dim() == 1 else advantages  # (b, 1) a sample's, or (b, C) a token's (PPO)
     ratio = torch.exp(logprobs - old_logprobs)  # (b, C)
     clipped = torch.clamp(ratio, 1 - args.clip_eps_low, 1 + args.clip_eps_high)
     per_token = torch.maximum(-A * ratio, -A * clipped)

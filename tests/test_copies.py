@@ -30,7 +30,7 @@ def functions(path):
     return funcs, marks
 
 
-@pytest.mark.parametrize("script", ["train_rlvr.py", "train_rm.py", "evaluate.py"])
+@pytest.mark.parametrize("script", ["train_rlvr.py", "train_ppo.py", "train_rm.py", "evaluate.py"])
 def test_marked_copies_are_identical(script):
     path = os.path.join(ROOT, script)
     if not os.path.exists(path):
@@ -65,5 +65,5 @@ if __name__ == "__main__":  # `python tests/test_copies.py --fix`: rewrite marke
 
     if "--fix" not in sys.argv:
         raise SystemExit("usage: python tests/test_copies.py --fix")
-    for script in ("train_rlvr.py", "train_rm.py", "evaluate.py"):
+    for script in ("train_rlvr.py", "train_ppo.py", "train_rm.py", "evaluate.py"):
         print(script, "rewrote:", ", ".join(fix_copies(script)) or "nothing")
