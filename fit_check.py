@@ -146,14 +146,17 @@ def from_pretrained(cls, path: str, dummy: bool, **kwargs):
 
 
 # ---- the plan ----
-def shapes(path: str, sequence_classifier: bool = False) -> dict:
+def shapes(path: str, sequence_classifier: bool = False, token_classifier: bool = False) -> dict:
     """Parameter counts (on the meta device: no memory) and the widths the plan needs, from a folder's config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import distributed
 
-    config = AutoConfig.from_pretrained(path, **({"num_labels": 1} if sequence_classifier else {}))
+    from transformers import AutoModelForTokenClassification
+
+    config = AutoConfig.from_pretrained(path, **({"num_labels": 1} if sequence_classifier or token_classifier else {}))
     cls = AutoModelForSequenceClassification if sequence_classifier else AutoModelForCausalLM
+    cls = AutoModelForTokenClassification if token_classifier else cls
     with torch.device("meta"), distributed.replicated_loading():  # never under ZeRO-3's zero.Init
         model = cls.from_config(config)
     c = getattr(config, "text_config", None) or config
@@ -167,12 +170,13 @@ def shapes(path: str, sequence_classifier: bool = False) -> dict:
         q_dim=c.num_attention_heads * head_dim,
         kv_dim=c.num_key_value_heads * head_dim,
         vocab=c.vocab_size,
-        tied=bool(getattr(config, "tie_word_embeddings", False)) and not sequence_classifier,
+        tied=bool(getattr(config, "tie_word_embeddings", False)) and not (sequence_classifier or token_classifier),
     )
 
 
 def plan(policy: dict, rm, *, backend: str, world: int, bf16: bool, tokens: int, gradient_checkpointing: bool,
-         ref: bool, vllm_gib: float, sleep: bool, overhead_gib: float, logprob_chunk: int = 0) -> dict:  # fmt: skip
+         ref: bool, vllm_gib: float, sleep: bool, overhead_gib: float, logprob_chunk: int = 0, critic=None,
+         rm_offloaded: bool = False) -> dict:  # fmt: skip
     """Memory per GPU (GiB), by component and by phase, for `policy` and `rm` (`shapes` dicts; rm None when no row
     asks for it); the tables of docs/gpu.md come from here. N policy parameters, M reward-model parameters, w ranks:
 
@@ -187,9 +191,29 @@ def plan(policy: dict, rm, *, backend: str, world: int, bf16: bool, tokens: int,
         chunks 4 min(chunk, T) V 4 (batching.completion_logprobs: 1024 rows on GPU, 2^18 / V on CPU), the LM head's
         weight gradient V h a before it is added in;
       rollout = resident + vLLM; reward = resident (+ vLLM when it does not sleep); weight sync = resident + vLLM
-        + the largest tensor twice in the compute dtype (gathered, and vLLM's copy while it loads it)."""
+        + the largest tensor twice in the compute dtype (gathered, and vLLM's copy while it loads it).
+      critic (train_ppo.py; `shapes(path, token_classifier)`): a second trained model under the same backend, its
+      state resident and its activations in the update (its layer inputs; its recomputed layer only where larger
+      than the policy's, the two backward passes run one after the other; a scalar head, no vocabulary logits);
+      rm_offloaded: the RM is in GPU memory only while it scores (the release offloads it)."""
     N, M, G = policy["params"], (rm or {}).get("params", 0), GIB
     a = 2 if bf16 else 4  # compute dtype bytes
+    if critic is not None:  # the critic's state and activations, then the policy's (keys critic_*)
+        c = plan(critic, None, backend=backend, world=world, bf16=bf16, tokens=tokens, ref=False, vllm_gib=0.0,
+                 gradient_checkpointing=gradient_checkpointing, sleep=True, overhead_gib=0.0)  # fmt: skip
+        p = plan(policy, rm, backend=backend, world=world, bf16=bf16, tokens=tokens, ref=ref, vllm_gib=vllm_gib,
+                 gradient_checkpointing=gradient_checkpointing, sleep=sleep, overhead_gib=overhead_gib,
+                 logprob_chunk=logprob_chunk, rm_offloaded=rm_offloaded)  # fmt: skip
+        skip = ("logits_and_grad", "logprob_chunks", "lm_head_grad")  # the critic's head is a scalar
+        p["resident"] |= {f"critic_{k}": v for k, v in c["resident"].items() if k not in ("reward_model", "overhead")}
+        p["update"] |= {f"critic_{k}": v for k, v in c["update"].items() if k not in skip}
+        # backward runs the critic's graph, then the policy's: one recomputed layer at a time, the larger one
+        recomputed = p["update"].pop("critic_one_layer_recomputed", 0.0) - p["update"].get("one_layer_recomputed", 0.0)
+        p["update"] |= {"critic_one_layer_recomputed": max(0.0, recomputed)} if gradient_checkpointing else {}
+        extra_resident = sum(v for k, v in p["resident"].items() if k.startswith("critic_"))
+        extra_update = sum(v for k, v in p["update"].items() if k.startswith("critic_"))
+        p["phases"] = {k: v + extra_resident + (extra_update if k == "train" else 0) for k, v in p["phases"].items()}
+        return p
     grads = {}
     if backend == "deepspeed-zero2":
         state = dict(weights=2 * N, master=4 * N / world, adam=8 * N / world, grads=4 * N / world)
@@ -203,7 +227,7 @@ def plan(policy: dict, rm, *, backend: str, world: int, bf16: bool, tokens: int,
     if backend in ("deepspeed-zero3", "fsdp"):  # a layer in use and the next prefetched, and the largest tensor
         layer = (N - policy["vocab"] * policy["hidden"]) / policy["layers"]
         state["gathered"] = (2 * layer + policy["largest"]) * (2 if backend == "deepspeed-zero3" else a)
-    frozen = dict(reward_model=M * a) | ({"reference": N * a} if ref else {})
+    frozen = dict(reward_model=0 if rm_offloaded else M * a) | ({"reference": N * a} if ref else {})
     resident = dict(state, **frozen, overhead=overhead_gib * G)
     T, h, L, V = tokens, policy["hidden"], policy["layers"], policy["vocab"]
     r = 4 if (not bf16 or backend in ("single", "ddp")) else 2  # single/DDP autocast keeps an fp32 residual stream
@@ -218,7 +242,7 @@ def plan(policy: dict, rm, *, backend: str, world: int, bf16: bool, tokens: int,
     vllm = 0.0 if sleep else vllm_gib
     phases = {
         "rollout": total(resident) + vllm_gib,
-        "reward": total(resident) + vllm,
+        "reward": total(resident) + vllm + (M * a / G if rm_offloaded else 0.0),
         "train": total(resident) + vllm + total(update),
         "weight_sync": total(resident) + vllm_gib + (2 * policy["largest"] * a / G if vllm_gib else 0.0),
     }
@@ -368,3 +392,10 @@ if __name__ == "__main__":  # the plan tables of docs/gpu.md, from the shipped c
     print(plan_table(q17, sky06, ["single"], 1, 79.3, 0.3, **paper))
     print("\nQwen3-4B-Base + Skywork-Reward-V2-Llama-3.1-8B, one process on one H200 (139 GiB; bench/gpu_check.sh):\n")
     print(plan_table(q4, sky8, ["single"], 1, 139.0, 0.3, **paper))
+    critic4 = shapes(config_source("", "Qwen/Qwen3-4B-Base"), token_classifier=True)
+    print(f"\ntrain_ppo.py, the release: + a Qwen3-4B critic ({critic4['params'] / 1e9:.2f} B), 4 x 80 GB, vLLM 0.3:\n")
+    print(plan_table(q4, sky8, ["deepspeed-zero3", "fsdp"], 4, 79.3, 0.3, critic=critic4, **paper))
+    print("\nthe same with vLLM's share at 0.2:\n")
+    print(plan_table(q4, sky8, ["deepspeed-zero3", "fsdp"], 4, 79.3, 0.2, critic=critic4, **paper))
+    print("\nthe same, the reward model in GPU memory only while it scores (the release offloads it):\n")
+    print(plan_table(q4, sky8, ["deepspeed-zero3", "fsdp"], 4, 79.3, 0.3, critic=critic4, rm_offloaded=True, **paper))

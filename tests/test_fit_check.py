@@ -102,6 +102,32 @@ def test_plan_formulas_by_hand():
     assert ddp["phases"]["train"] == pytest.approx(1.0 + (sum(ddp["resident"].values()) + sum(ddp["update"].values())))
 
 
+def test_plan_with_a_critic_by_hand():
+    """train_ppo.py's critic: its state follows the backend, its layer inputs join the update, no vocabulary logits,
+    one recomputed layer at a time; an offloaded reward model counts only while it scores."""
+    policy = dict(
+        params=1000, largest=100, hidden=10, layers=2, intermediate=40, q_dim=20, kv_dim=10, vocab=50, tied=True
+    )
+    critic = dict(policy, params=960, tied=False)
+    common = dict(world=4, bf16=True, tokens=8, gradient_checkpointing=True, ref=False, vllm_gib=1.0, sleep=True,
+                  overhead_gib=0.0)  # fmt: skip
+    G = 2**30
+    alone = fit_check.plan(policy, dict(params=3000), backend="deepspeed-zero3", **common)
+    both = fit_check.plan(policy, dict(params=3000), backend="deepspeed-zero3", critic=critic, **common)
+    assert both["resident"]["critic_adam"] * G == 8 * 960 / 4 and both["resident"]["critic_weights"] * G == 2 * 960 / 4
+    assert both["update"]["critic_layer_inputs"] == both["update"]["layer_inputs"]
+    assert both["update"]["critic_one_layer_recomputed"] == 0  # same layer size: one recompute at a time
+    assert not any(k.startswith("critic_logits") or k.startswith("critic_lm_head") for k in both["update"])
+    critic_state = sum(v for k, v in both["resident"].items() if k.startswith("critic_"))
+    assert both["phases"]["rollout"] == pytest.approx(alone["phases"]["rollout"] + critic_state)
+    assert both["phases"]["train"] == pytest.approx(
+        alone["phases"]["train"] + critic_state + both["update"]["critic_layer_inputs"]
+    )
+    off = fit_check.plan(policy, dict(params=3000), backend="deepspeed-zero3", rm_offloaded=True, **common)
+    assert off["phases"]["rollout"] * G == pytest.approx(alone["phases"]["rollout"] * G - 2 * 3000)
+    assert off["phases"]["reward"] == pytest.approx(alone["phases"]["reward"])
+
+
 def test_measured_cpu_peaks_match_the_plan(tmp_path):
     """The plan against a measurement, at widths where the model's memory dominates: the shipped 1.7B config with
     one layer, its width and a 32K vocabulary (~0.1 B parameters: 1.8 GiB of weights, gradients and AdamW, 0.5 GiB

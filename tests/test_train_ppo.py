@@ -3,6 +3,7 @@ reward; PPO's policy loss is GRPO's with a constant baseline; end to end, resume
 and 2 processes (DDP, DeepSpeed ZeRO-3) equal to one."""
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -140,22 +141,9 @@ def _weights(ckpt):
     return load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "critic" / "model.safetensors"))
 
 
-def test_end_to_end_with_vllm_and_a_loadable_critic(tmp_path, tiny_models):
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    out = tmp_path / "run"
-    proc = run_script([PY, "train_ppo.py", *SMOKE, "--max-steps", "3", "--num-minibatches", "2",
-                       "--output-dir", str(out)])  # fmt: skip
-    assert proc.stdout.count("step ") == 3 and " ev " in proc.stdout
-    ev = _events(out, ["losses/value_loss", "critic/explained_variance", "critic/vf_clipfrac", "policy/clipfrac",
-                       "charts/critic_learning_rate", "memory/values_gib"])  # fmt: skip
-    assert all(len(v) == 3 for v in ev.values()) and ev["charts/critic_learning_rate"][0] == pytest.approx(3e-3)
-    AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-3"))  # the policy, as vLLM and evaluate.py load it
-    critic = AutoModelForTokenClassification.from_pretrained(str(out / "checkpoint-3" / "critic"))
-    assert critic.config.num_labels == 1
-
-
 def test_resume_after_hard_kill_reproduces_the_run_critic_included(tmp_path, tiny_models):
+    """SIGKILL after checkpoint-2 and --resume: the same rollouts, losses, policy and critic; the uninterrupted run
+    is the end-to-end check (vLLM, every critic metric, both models loadable)."""
     common = [PY, "train_ppo.py", *SMOKE, "--max-steps", "4", "--save-every", "2", "--keep-last", "5",
               "--num-minibatches", "2"]  # fmt: skip
     full, part = tmp_path / "full", tmp_path / "part"
@@ -167,6 +155,18 @@ def test_resume_after_hard_kill_reproduces_the_run_critic_included(tmp_path, tin
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     keys = ["losses/value_loss", "critic/values_mean"]
     assert _events(full, keys) == _events(part, keys)
+    rollouts = [
+        [(r["step"], r["completion"]) for r in map(json.loads, open(d / "rollouts.jsonl"))] for d in (full, part)
+    ]
+    assert rollouts[0] == rollouts[1] and len(rollouts[0]) == 4 * 32
+    # end to end with vLLM: every critic metric logged each step, the policy and the critic loadable as HF models
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    ev = _events(full, ["critic/explained_variance", "critic/vf_clipfrac", "critic/grad_norm", "policy/clipfrac",
+                        "charts/critic_learning_rate", "memory/values_gib"])  # fmt: skip
+    assert all(len(v) == 4 for v in ev.values()) and ev["charts/critic_learning_rate"][0] == pytest.approx(3e-3)
+    AutoModelForCausalLM.from_pretrained(str(full / "checkpoint-4"))  # the policy, as vLLM and evaluate.py load it
+    assert AutoModelForTokenClassification.from_pretrained(str(full / "checkpoint-4" / "critic")).config.num_labels == 1
 
 
 @pytest.mark.parametrize("config", ["ddp", "deepspeed_zero3"])
