@@ -189,7 +189,8 @@ def plan(policy: dict, rm, *, backend: str, world: int, bf16: bool, tokens: int,
         single-process autocast): checkpointed layer inputs T h L r and one layer recomputed T (5h + 4q + 5kv + 4I) a
         (all L layers without checkpointing), the completion logits and their gradient 2 T V a, the fp32 log-softmax
         chunks 4 min(chunk, T) V 4 (batching.completion_logprobs: 1024 rows on GPU, 2^18 / V on CPU), the LM head's
-        weight gradient V h a before it is added in;
+        weight gradient V h a before it is added in; with a tied embedding the update's peak is the larger of that
+        and the end of backward (gradients, the held LM-head gradient and the embedding's dense one, 2 V h a);
       rollout = resident + vLLM; reward = resident (+ vLLM when it does not sleep); weight sync = resident + vLLM
         + the largest tensor twice in the compute dtype (gathered, and vLLM's copy while it loads it).
       critic (train_ppo.py; `shapes(path, token_classifier)`): a second trained model under the same backend, its
@@ -238,12 +239,16 @@ def plan(policy: dict, rm, *, backend: str, world: int, bf16: bool, tokens: int,
         update = dict(grads, all_layers=per_layer * L + T * h * L * r)
     chunk = logprob_chunk or max(1, 2**18 // V)
     update |= dict(logits_and_grad=2 * T * V * a, logprob_chunks=4 * min(chunk, T) * V * 4, lm_head_grad=V * h * a)
+    # a tied embedding: autograd holds the LM head's weight gradient until the embedding's dense one arrives at the
+    # end of backward, when the activations are gone: the update peaks at the LM head or there, whichever is larger
+    update |= {"tied_embedding_grad": V * h * a} if policy["tied"] else {}
     total = lambda d: sum(d.values()) / G  # noqa: E731
     vllm = 0.0 if sleep else vllm_gib
+    at_end = update.get("grads", 0) + update["lm_head_grad"] + update.get("tied_embedding_grad", 0)
     phases = {
         "rollout": total(resident) + vllm_gib,
         "reward": total(resident) + vllm + (M * a / G if rm_offloaded else 0.0),
-        "train": total(resident) + vllm + total(update),
+        "train": total(resident) + vllm + max(total(update) - update.get("tied_embedding_grad", 0) / G, at_end / G),
         "weight_sync": total(resident) + vllm_gib + (2 * policy["largest"] * a / G if vllm_gib else 0.0),
     }
     to_gib = lambda d: {k: v / G for k, v in d.items()}  # noqa: E731
@@ -281,7 +286,8 @@ def report(phases, args, accelerator, prompt_ids: list, completion_ids: list, ne
     device, world, backend = accelerator.device, accelerator.num_processes, distributed.backend(accelerator)
     bf16 = accelerator.mixed_precision == "bf16"
     policy, rm = shapes(args.model), shapes(args.reward_model, sequence_classifier=True) if need_rm else None
-    total = device_memory_gib(device)
+    total = device_memory_gib(device)  # on CPU the machine's, shared by the processes on it
+    total /= int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device.type == "cpu" else 1
     if device.type == "cuda":  # vLLM's share of the GPU; CUDA context, NCCL, allocator slack
         vllm_gib, overhead = (args.vllm_gpu_memory_utilization * total if llm is not None else 0.0), 3.0
     else:  # vLLM's CPU engine: its weights in the compute dtype and the 1 GiB KV cache generation.build_vllm sets

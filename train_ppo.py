@@ -251,6 +251,8 @@ class ActorCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
         self.config = policy.config  # what accelerate and DeepSpeed read (hidden size for their buckets)
+        # FSDP's TRANSFORMER_BASED_WRAP wraps these classes (accelerate/utils/fsdp_utils.py reads the attribute)
+        self._no_split_modules = sorted({*(policy._no_split_modules or []), *(critic._no_split_modules or [])})
         self.hf_parts = {"": "policy.", "critic": "critic."}  # checkpoint folders: the policy on top, critic/ inside
 
     def generate(self, *args, **kwargs):  # HF generate (the --no-use-vllm rollout) is the policy's

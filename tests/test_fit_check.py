@@ -99,7 +99,15 @@ def test_plan_formulas_by_hand():
     assert update["lm_head_grad"] * G == 50 * 10 * 2
     ddp = fit_check.plan(policy, rm, backend="ddp", **{**common, "sleep": False, "vllm_gib": 1.0})
     assert ddp["resident"]["ddp_buckets"] * G == 4000
-    assert ddp["phases"]["train"] == pytest.approx(1.0 + (sum(ddp["resident"].values()) + sum(ddp["update"].values())))
+    u = dict(ddp["update"])
+    mid = sum(u.values()) - u["tied_embedding_grad"]  # at the LM head: activations, logits, one V x h gradient
+    end = u["grads"] + u["lm_head_grad"] + u["tied_embedding_grad"]  # end of backward: two V x h gradients
+    assert u["tied_embedding_grad"] * G == 50 * 10 * 2 and mid > end
+    assert ddp["phases"]["train"] == pytest.approx(1.0 + sum(ddp["resident"].values()) + max(mid, end))
+    wide = dict(policy, hidden=1000, params=100_000)  # a wide embedding, a short micro-batch: the end is the peak
+    w = fit_check.plan(wide, rm, backend="single", **{**common, "tokens": 1})
+    end = w["update"]["grads"] + w["update"]["lm_head_grad"] + w["update"]["tied_embedding_grad"]
+    assert w["phases"]["train"] == pytest.approx(sum(w["resident"].values()) + end)
 
 
 def test_plan_with_a_critic_by_hand():
@@ -143,5 +151,6 @@ def test_measured_cpu_peaks_match_the_plan(tmp_path):
     for phase in ("rollout", "reward", "train", "weight_sync"):
         assert rows[phase]["peak_gib"] == pytest.approx(rows[phase]["plan_gib"], rel=0.10), (phase, rows[phase])
     # the update's growth over the rollout (gradients, AdamW's first step excluded, activations, logits) as planned
-    grown, planned = (rows["train"]["peak_gib"] - rows["rollout"]["peak_gib"]), sum(report["plan"]["update"].values())
+    grown = rows["train"]["peak_gib"] - rows["rollout"]["peak_gib"]
+    planned = rows["train"]["plan_gib"] - rows["rollout"]["plan_gib"]
     assert grown == pytest.approx(planned, rel=0.15), (grown, planned)
