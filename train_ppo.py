@@ -184,7 +184,7 @@ ARITH = dict(model=f"{LOCAL}/smollm2-135m", dataset=ARITH_FILE.format("train"), 
              prompts_per_step=64, max_prompt_length=256, max_new_tokens=128, temperature=0.7, clip_eps_high=0.28,
              overlong="penalty", overlong_buffer=32, learning_rate=1e-5, critic_learning_rate=1e-4, max_steps=20,
              eval_every=5, save_every=20, **CPU,
-             token_budget=2048)  # policy + critic activations, ~4 MB a token in fp32: 4096 ran out of 24 GB  # fmt: skip
+             token_budget=2048)  # policy + critic activations: ~4 MB a token in fp32; 4096 ran out  # fmt: skip
 # fmt: off
 PRESETS = {
     "release": Args(),
