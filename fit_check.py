@@ -139,9 +139,7 @@ def from_pretrained(cls, path: str, dummy: bool, **kwargs):
         return cls.from_pretrained(path, **kwargs)
     from transformers import AutoConfig
 
-    config = kwargs.pop("config", None)  # a config the caller changed (train_ppo.py's critic), else path's
-    if config is None:
-        config = AutoConfig.from_pretrained(path, **{k: kwargs.pop(k) for k in ("num_labels",) if k in kwargs})
+    config = AutoConfig.from_pretrained(path, **{k: kwargs.pop(k) for k in ("num_labels",) if k in kwargs})
     return cls.from_config(config, **kwargs)
 
 
