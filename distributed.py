@@ -181,11 +181,13 @@ def drop_fp32_output_cast(model, accelerator: Accelerator) -> None:
 def frozen_policy(path: str, dtype, device, shared_prompt: bool, dummy_weights: bool = False):
     """A frozen copy of a causal LM (the KL reference), whole on every rank; call inside `replicated_loading`.
     With --share-prompt it reads the same packed rows as the policy, so it gets the shared-prompt attention."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    import fit_check
-
-    model = fit_check.from_pretrained(AutoModelForCausalLM, path, dummy_weights, dtype=dtype).to(device).eval()
+    if dummy_weights:  # --dummy-weights: random weights in the config's shapes (fit_check.py), nothing else read
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()
     if shared_prompt:
         batching.use_shared_prefix_attention(model, path)
     return model
