@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, get_scheduler
+from transformers.utils import ModelOutput
 
 import batching
 import bookkeeping
@@ -245,8 +246,9 @@ def step_prompt_indices(step: int, num_prompts: int, prompts_per_step: int, seed
 class ActorCritic(torch.nn.Module):
     """The policy and the critic as ONE module, so each backend wraps them once (one DDP, one DeepSpeed engine, one
     FSDP tree) and one AdamW holds both (eq. 14). `forward(**inputs)` is the policy's; with values=True one call
-    also runs the critic on the same rows and adds `values` (rows, columns kept) to the output: V at each column
-    whose logits the policy returns, i.e. the state before each completion token."""
+    also runs the critic on the same rows and adds `critic_values` (rows, columns kept) to the output: V at each
+    column whose logits the policy returns, i.e. the state before each completion token; logits=False skips the
+    policy."""
 
     def __init__(self, policy, critic):
         super().__init__()
@@ -259,8 +261,8 @@ class ActorCritic(torch.nn.Module):
     def generate(self, *args, **kwargs):  # HF generate (the --no-use-vllm rollout) is the policy's
         return self.policy.generate(*args, **kwargs)
 
-    def forward(self, values: bool = False, **inputs):
-        out = self.policy(**inputs)
+    def forward(self, values: bool = False, logits: bool = True, **inputs):
+        out = self.policy(**inputs) if logits else ModelOutput()  # logits=False: the critic alone
         if values:
             keep = inputs["logits_to_keep"]
             plain = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids")}
@@ -351,21 +353,25 @@ def token_rewards(rewards: torch.Tensor, completion_ids: list, width: int) -> to
 # ---- 4. advantages: the value pass, GAE, whitening ----
 @torch.no_grad()
 def rollout_values(model, ref_model, accelerator, args: Args, prompt_ids, completion_ids, pad_id):
-    """One no-grad pass over the rollout batch before any update: pi_old's log-probs, pi_ref's (with --kl-coef)
-    and the critic's V(s_t) at every completion token, as (n, C) tensors padded with zeros."""
+    """One no-grad pass over the rollout batch before any update: the critic's V(s_t) at every completion token,
+    and pi_old's log-probs (and pi_ref's, with --kl-coef) when the batch gets more than one optimizer step (with a
+    single update pi_old is the update's own policy, detached, as in train_grlo.py: the policy is not run here).
+    Returns (old_lp or None, ref_lp or None, values), (n, C) tensors padded with zeros."""
     n, C, device = len(completion_ids), max(map(len, completion_ids)), accelerator.device
+    need_old = args.num_minibatches * args.ppo_epochs > 1 or ref_model is not None
     old_lp, ref_lp, values = (torch.zeros(n, C, device=device) for _ in range(3))
     micro = batching.make_microbatches(prompt_ids, completion_ids, args.token_budget)
     for mb in distributed.lockstep(micro, accelerator):  # every rank runs as many forwards (ZeRO-3/FSDP gather)
         b = batching.collate(mb, prompt_ids, completion_ids, pad_id, device)
-        c = b["completion_ids"].shape[1]
+        c, mask = b["completion_ids"].shape[1], b["completion_mask"]
         with accelerator.autocast():
-            out = model(values=True, **batching.model_inputs(b))
-            lp = batching.logprobs_from_logits(out.logits, b, args.temperature)[0]
-            ref = batching.completion_logprobs(ref_model, b, args.temperature)[0] if ref_model is not None else lp
-        mask = b["completion_mask"]
-        old_lp[mb, :c], ref_lp[mb, :c], values[mb, :c] = lp * mask, ref * mask, out.critic_values * mask
-    return old_lp, ref_lp, values
+            out = model(values=True, logits=need_old, **batching.model_inputs(b))
+            values[mb, :c] = out.critic_values * mask
+            if need_old:
+                lp = batching.logprobs_from_logits(out.logits, b, args.temperature)[0]
+                ref = batching.completion_logprobs(ref_model, b, args.temperature)[0] if ref_model is not None else lp
+                old_lp[mb, :c], ref_lp[mb, :c] = lp * mask, ref * mask
+    return (old_lp, ref_lp, values) if need_old else (None, None, values)
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float):
@@ -473,7 +479,7 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args: Ar
     a micro-batch gives the policy's log-probs and the critic's values, one backward both gradients.
 
     samples = (prompt_ids, completion_ids, sampler_logprobs or None, loss_mask_seq (n,), and (n, C) tensors:
-    advantages, returns, old log-probs, ref log-probs, old values). Returns (sums of per-token statistics,
+    advantages, returns, old log-probs and ref log-probs (None with a single update), old values). Returns (sums of per-token statistics,
     (actor, critic) grad norms per optimizer step); raises FloatingPointError on a non-finite norm, as GRPO's."""
     prompt_ids, completion_ids, sampler_logprobs, loss_mask_seq, advantages, returns, old_lp, ref_lp, old_v = samples
     device, world, n = accelerator.device, accelerator.num_processes, len(completion_ids)
@@ -499,8 +505,9 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args: Ar
                     out = model(values=True, **batching.model_inputs(b))  # policy logits and critic values
                     logprobs, entropy = batching.logprobs_from_logits(out.logits, b, args.temperature)  # (b, C)
                 ref = ref_lp[m, :C] if ref_model is not None else None
+                old = old_lp[m, :C] if old_lp is not None else logprobs.detach()  # one update: pi_old = pi, detached
                 samp = batching.pad_values(sampler_logprobs, m, C, device) if sampler_logprobs is not None else None
-                per_token, stats = policy_loss(logprobs, old_lp[m, :C], advantages[m, :C], args, samp, ref, entropy)
+                per_token, stats = policy_loss(logprobs, old, advantages[m, :C], args, samp, ref, entropy)
                 v_loss, stats["vf_clipfrac"] = value_loss(
                     out.critic_values, old_v[m, :C], returns[m, :C], args.value_clip
                 )

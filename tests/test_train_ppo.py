@@ -127,6 +127,34 @@ def test_the_critic_learns_a_fixed_per_prompt_reward(tiny_models):
     assert end == pytest.approx([1.0, -1.0], abs=0.25), (start, end)
 
 
+def test_one_update_skips_the_policy_in_the_value_pass_and_trains_the_same(tiny_models):
+    """With one optimizer step a batch, `rollout_values` runs the critic alone and the update takes pi_old from its
+    own detached forward (as train_grlo.py does): the same values, losses and new weights as passing the
+    pre-computed old log-probs (the value pass computing them, the two-mini-batch path's code)."""
+    from accelerate import Accelerator
+
+    args = tp.Args(model=tiny_models["policy"], num_minibatches=1, gradient_checkpointing=False, learning_rate=1e-3,
+                   critic_learning_rate=1e-3, token_budget=4096, max_grad_norm=1e9)  # fmt: skip
+    prompt_ids, completion_ids = [[1, 2, 3], [4, 5, 6, 7]], [[8, 9, 10, 11], [12, 13]]
+    C, rewards = 4, torch.tensor([1.0, -1.0])
+    runs = []
+    for minibatches_in_value_pass in (1, 2):
+        acc = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model, optimizer, scheduler = tp.build_actor_critic(args, acc, max_steps=10)
+        seen = dataclasses.replace(args, num_minibatches=minibatches_in_value_pass)  # 2: the value pass runs pi_old
+        old_lp, ref_lp, old_v = tp.rollout_values(model, None, acc, seen, prompt_ids, completion_ids, pad_id=0)
+        assert (old_lp is None) == (minibatches_in_value_pass == 1)
+        adv, ret = tp.compute_gae(tp.token_rewards(rewards, completion_ids, C), old_v, 1.0, 1.0)
+        samples = (prompt_ids, completion_ids, None, torch.ones(2), adv, ret, old_lp, ref_lp, old_v)
+        sums, norms = tp.train_on_batch(model, None, optimizer, scheduler, acc, args, samples, 0, 0)
+        runs.append((old_v, sums["loss"], sums["value_loss"], norms, [p.detach().clone() for p in model.parameters()]))
+    (v1, l1, vl1, n1, w1), (v2, l2, vl2, n2, w2) = runs
+    assert torch.equal(v1, v2) and torch.allclose(l1, l2, atol=1e-6) and torch.allclose(vl1, vl2)
+    assert n1[0] == pytest.approx(n2[0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(w1, w2))
+
+
 def _events(run_dir, keys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
