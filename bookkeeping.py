@@ -154,7 +154,12 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, k
         # train_ppo.ActorCritic: the policy's HF folder on top (vLLM, evaluate.py), the critic's in critic/
         for sub, prefix in getattr(unwrapped, "hf_parts", {"": ""}).items():
             part = unwrapped.get_submodule(prefix.rstrip(".")) if prefix else unwrapped
+            # a tied weight's second name (lm_head.weight): DeepSpeed ZeRO-2 hands back clones, which
+            # save_pretrained cannot tell are shared, and would write it twice
+            every_name = {n for n, _ in part.named_parameters(remove_duplicate=False)}
+            tied = every_name - {n for n, _ in part.named_parameters()}
             own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            own = {k: v for k, v in own.items() if k not in tied}
             part.save_pretrained(os.path.join(tmp, sub), state_dict=own)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "trainer_state", "step.json"), "w") as f:

@@ -479,8 +479,9 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, args: Ar
     a micro-batch gives the policy's log-probs and the critic's values, one backward both gradients.
 
     samples = (prompt_ids, completion_ids, sampler_logprobs or None, loss_mask_seq (n,), and (n, C) tensors:
-    advantages, returns, old log-probs and ref log-probs (None with a single update), old values). Returns (sums of per-token statistics,
-    (actor, critic) grad norms per optimizer step); raises FloatingPointError on a non-finite norm, as GRPO's."""
+    advantages, returns, old log-probs and ref log-probs (both None with a single update), old values). Returns
+    (sums of per-token statistics, (actor, critic) grad norms per optimizer step); raises FloatingPointError on a
+    non-finite norm, as GRPO's."""
     prompt_ids, completion_ids, sampler_logprobs, loss_mask_seq, advantages, returns, old_lp, ref_lp, old_v = samples
     device, world, n = accelerator.device, accelerator.num_processes, len(completion_ids)
     model.train()

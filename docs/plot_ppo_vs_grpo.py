@@ -47,8 +47,10 @@ def summary(run: str) -> dict:
     peaks = []
     for key in ("setup", "rollout", "reward", "values", "train", "weight_sync", "checkpoint"):
         peaks += scalars(run, f"memory/{key}_gib")[1]
-    return dict(gold=gold, score=dict(zip(steps, scores)), length=length,
-                step_s=statistics.median(times) if times else float("nan"), peak_gib=max(peaks, default=float("nan")))  # fmt: skip
+    step_s = statistics.median(times) if times else float("nan")
+    return dict(
+        gold=gold, score=dict(zip(steps, scores)), length=length, step_s=step_s, peak_gib=max(peaks, default=0.0)
+    )
 
 
 def main(args: Args):
@@ -62,8 +64,9 @@ def main(args: Args):
         for algo, algo_label, color in ALGOS:
             for seed, style in ((1, "-"), (2, "--")):
                 run = os.path.join(args.runs, f"{algo}-{judge}-seed{seed}")
-                if not os.path.exists(os.path.join(run, "rollouts.jsonl")):
-                    print(f"missing: {run}")
+                path = os.path.join(run, "rollouts.jsonl")
+                if not os.path.exists(path) or not os.path.getsize(path):
+                    print(f"not run yet: {run}")
                     continue
                 s, label = summary(run), f"{algo_label}, seed {seed}"
                 for ax, key in zip(axes[row], ("gold", "score", "length")):
@@ -83,7 +86,9 @@ def main(args: Args):
             ax.set_title(f"{title}\n{judge_label}", fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for row in axes:
+        if row[0].get_lines():
+            row[0].legend(fontsize=8)
     fig.suptitle("PPO (critic, 64 prompts x 1) vs GRPO (8 prompts x 8) on CPU, SmolLM2-135M, 64 samples a step")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)

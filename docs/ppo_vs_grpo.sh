@@ -28,8 +28,8 @@ run() {  # run NAME SCRIPT ARGS...: one 20-step run into $OUT/NAME, resumed from
   rm -rf "$dir/checkpoint-20/trainer_state"  # done: keep the HF weights, drop the optimizer state (GBs)
 }
 
-for judge in $JUDGES; do
-  for seed in $SEEDS; do
+for seed in $SEEDS; do  # seed 1 of every pair first: a partial queue already compares all four
+  for judge in $JUDGES; do
     if [ "$judge" = rm ]; then flag=(--judge reward-model); else flag=(--judge row); fi
     run "grpo-$judge-seed$seed" train_grlo.py --preset cpu-arith-rm "${flag[@]}" --seed "$seed"
     run "ppo-$judge-seed$seed" train_ppo.py --preset cpu-arith-rm "${flag[@]}" --seed "$seed"

@@ -1,6 +1,6 @@
 """train_ppo.py: GAE, whitening and the value-loss clip against hand computations; the critic learns a fixed
 reward; PPO's policy loss is GRPO's with a constant baseline; end to end, resume after SIGKILL (critic included),
-and 2 processes (DDP, DeepSpeed ZeRO-3) equal to one."""
+and 2 processes (DDP, DeepSpeed ZeRO-2 and ZeRO-3) equal to one."""
 
 import dataclasses
 import json
@@ -197,14 +197,23 @@ def test_resume_after_hard_kill_reproduces_the_run_critic_included(tmp_path, tin
     assert AutoModelForTokenClassification.from_pretrained(str(full / "checkpoint-4" / "critic")).config.num_labels == 1
 
 
-@pytest.mark.parametrize("config", ["ddp", "deepspeed_zero3"])
-def test_two_processes_train_as_one(config, tmp_path, tiny_models):
+TWO_STEPS = [*SMOKE, "--max-steps", "2", "--save-every", "2", "--max-grad-norm", "1e9"]  # DeepSpeed: one joint norm
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_models):
+    """The one-process run every 2-rank backend is compared with (run once)."""
+    one = tmp_path_factory.mktemp("ppo") / "one"
+    run_script([PY, "train_ppo.py", *TWO_STEPS, "--output-dir", str(one)])
+    return one
+
+
+@pytest.mark.parametrize("config", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_two_processes_train_as_one(config, one_process_run, tmp_path):
     """2 gloo ranks give one process's losses, values and weights: the GAE whitening, the value loss and the
     eq. 6 weights run over every rank's tokens. One mini-batch a step: with more, each rank shuffles its own half
     into them, so 2 ranks form other mini-batches than one process (as in train_grlo.py)."""
-    common = [*SMOKE, "--max-steps", "2", "--save-every", "2", "--max-grad-norm", "1e9"]  # DeepSpeed: one joint norm
-    one = tmp_path / "one"
-    run_script([PY, "train_ppo.py", *common, "--output-dir", str(one)])
+    common, one = TWO_STEPS, one_process_run
     two = tmp_path / config
     proc = run_script([*launch(config), "train_ppo.py", *common, "--output-dir", str(two)], timeout=400)
     assert f"backend: {config.replace('deepspeed_', 'deepspeed-')}, 2 process(es)" in proc.stdout
@@ -212,7 +221,7 @@ def test_two_processes_train_as_one(config, tmp_path, tiny_models):
     keys = ["losses/policy_loss", "losses/value_loss", "critic/values_mean", "critic/returns_mean", "rewards/mean",
             "losses/grad_norm", "critic/grad_norm"]  # fmt: skip
     a, b = _events(one, keys), _events(two, keys)
-    if config == "deepspeed_zero3":  # its engine reports one norm over both models, for both
+    if config.startswith("deepspeed"):  # its engine reports one norm over both models, for both
         joint = [(x**2 + y**2) ** 0.5 for x, y in zip(a["losses/grad_norm"], a["critic/grad_norm"])]
         a["losses/grad_norm"] = a["critic/grad_norm"] = joint
     for k in keys:
@@ -222,6 +231,15 @@ def test_two_processes_train_as_one(config, tmp_path, tiny_models):
         for k in wa:
             # 1e-4 is 3% of one AdamW step (lr 3e-3 an element): ranks sum in another order
             torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=lambda m: f"{config} {k}: {m}")
+
+
+def test_fsdp2_actor_critic_shards_trains_and_syncs_only_the_policy(tiny_models):
+    """FSDP2 as far as CPU allows (accelerate refuses FSDP on CPU: docs/gpu.md): torch's fully_shard over both
+    models' decoder layers, 2 gloo ranks under torchrun; the sharded ActorCritic's logits, values and both models'
+    gradients equal the unsharded module's, and only the policy's weights reach each rank's vLLM engine."""
+    proc = run_script([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp2_sync_check.py",
+                       tiny_models["policy"], "actor-critic"])  # fmt: skip
+    assert proc.stdout.count("FSDP2 ActorCritic forward/backward OK") == 2 and proc.stdout.count("FSDP2 sync OK") == 2
 
 
 def test_refuses_bad_gae_flags_in_seconds(tmp_path, tiny_models):
