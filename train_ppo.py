@@ -359,7 +359,8 @@ def rollout_values(model, ref_model, accelerator, args: Args, prompt_ids, comple
     Returns (old_lp or None, ref_lp or None, values), (n, C) tensors padded with zeros."""
     n, C, device = len(completion_ids), max(map(len, completion_ids)), accelerator.device
     need_old = args.num_minibatches * args.ppo_epochs > 1 or ref_model is not None
-    old_lp, ref_lp, values = (torch.zeros(n, C, device=device) for _ in range(3))
+    values = torch.zeros(n, C, device=device)
+    old_lp, ref_lp = (torch.zeros(n, C, device=device) for _ in range(2)) if need_old else (None, None)
     micro = batching.make_microbatches(prompt_ids, completion_ids, args.token_budget)
     for mb in distributed.lockstep(micro, accelerator):  # every rank runs as many forwards (ZeRO-3/FSDP gather)
         b = batching.collate(mb, prompt_ids, completion_ids, pad_id, device)
@@ -371,7 +372,7 @@ def rollout_values(model, ref_model, accelerator, args: Args, prompt_ids, comple
                 lp = batching.logprobs_from_logits(out.logits, b, args.temperature)[0]
                 ref = batching.completion_logprobs(ref_model, b, args.temperature)[0] if ref_model is not None else lp
                 old_lp[mb, :c], ref_lp[mb, :c] = lp * mask, ref * mask
-    return (old_lp, ref_lp, values) if need_old else (None, None, values)
+    return old_lp, ref_lp, values
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float):

@@ -24,6 +24,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "docs")]
+import reward  # noqa: E402
 from plot_rlhf_cpu import per_step, scalars  # noqa: E402
 
 ALGOS = (("ppo", "PPO, critic", "tab:blue"), ("grpo", "GRPO, group mean", "tab:orange"))
@@ -44,8 +45,6 @@ def summary(run: str, truth: dict) -> dict:
     """Gold accuracy by step, the judge's mean score and the mean length by step, the verifier's accuracy on the
     training samples in steps 1-5 and 16-20 (under the RM judge: is what the RM pays for correct?), median step
     time, peak RSS."""
-    import reward
-
     gold = dict(zip(*scalars(run, "eval/accuracy")))
     rows = [json.loads(line) for line in open(os.path.join(run, "rollouts.jsonl"))]
     steps, scores = per_step(rows, [r["score"] for r in rows])
@@ -67,8 +66,6 @@ def summary(run: str, truth: dict) -> dict:
 
 def main(args: Args):
     from matplotlib.figure import Figure
-
-    import reward
 
     truth = {json.dumps(r["prompt"]): r for r in reward.load_rows(args.dataset, "train", reward.to_rlvr_row)}
 

@@ -91,7 +91,7 @@ def check_actor_critic_forward_backward(model, unsharded, rank: int):
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(6).expand(2, 6),
                   logits_to_keep=slice(2, 5))  # fmt: skip
     outs = [m(values=True, **inputs) for m in (model, unsharded)]
-    for m, out in zip((model, unsharded), outs):
+    for out in outs:
         (out.logits.mean() + out.critic_values.mean()).backward()
     (a, b) = outs
     assert torch.allclose(a.logits, b.logits, atol=1e-5), f"rank {rank}: sharded logits differ"
