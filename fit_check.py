@@ -85,15 +85,17 @@ def word_tokenizer(vocab_size: int):
 
 
 def dummy_models(args, log) -> None:
-    """--dummy-weights, at start-up: point --model and --reward-model at folders holding their config.json (with
-    --dummy-overrides) and a `word_tokenizer`, in a temporary folder of this process (removed at exit); without
-    2 steps (the first warms up: CUDA graphs, the allocator; the report reads the second), never a resume, no held-out
-    evaluation, and (train_rlvr.py) one sampling round a step."""
+    """--dummy-weights, at start-up: point --model and --reward-model (and train_ppo.py's --critic-model, if set) at
+    folders holding their config.json (with --dummy-overrides) and a `word_tokenizer`, in a temporary folder of this
+    process (removed at exit); then 2 steps (the first warms up: CUDA graphs, the allocator; the report reads the
+    second), never a resume, no held-out evaluation, and (train_rlvr.py) one sampling round a step."""
     root = tempfile.mkdtemp(prefix="grlo-dummy-")
     atexit.register(shutil.rmtree, root, True)
     overrides = parse_overrides(args.dummy_overrides)
-    for flag in ("model", "reward_model"):
-        name = getattr(args, flag)
+    for flag in ("model", "reward_model", "critic_model"):  # train_ppo.py's --critic-model, where it is set
+        name = getattr(args, flag, None)
+        if not name:
+            continue
         with open(os.path.join(config_source(f"--{flag.replace('_', '-')}", name), "config.json")) as f:
             config = json.load(f) | overrides
         # the word tokenizer's ids: <|endoftext|> = 0 ends, pads and begins (the shipped ids may lie past an override)
@@ -104,9 +106,9 @@ def dummy_models(args, log) -> None:
             json.dump(config, f, indent=1)
         word_tokenizer(config["vocab_size"]).save_pretrained(folder)
         setattr(args, flag, folder)
-        n = shapes(folder, sequence_classifier=flag == "reward_model")[
-            "params"
-        ]  # builds it on the meta device: fails now
+        # built on the meta device: a config that cannot build fails now
+        kind = dict(sequence_classifier=flag == "reward_model", token_classifier=flag == "critic_model")
+        n = shapes(folder, **kind)["params"]
         changed = f", changed: {overrides}" if overrides else ""
         log(f"dummy weights: --{flag.replace('_', '-')} {name}: {n / 1e9:.3f} B random parameters (config{changed})")
     args.max_steps = 2
@@ -139,7 +141,9 @@ def from_pretrained(cls, path: str, dummy: bool, **kwargs):
         return cls.from_pretrained(path, **kwargs)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, **{k: kwargs.pop(k) for k in ("num_labels",) if k in kwargs})
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(
+        path, **{k: kwargs.pop(k) for k in ("num_labels",) if k in kwargs}
+    )
     return cls.from_config(config, **kwargs)
 
 
@@ -274,16 +278,20 @@ def peak_tflops(device):
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def report(phases, args, accelerator, prompt_ids: list, completion_ids: list, need_rm: bool, llm, log) -> dict:
+def report(phases, args, accelerator, prompt_ids: list, completion_ids: list, need_rm: bool, llm, log,
+           critic: str | None = None) -> dict:  # fmt: skip
     """After a --dummy-weights run: per phase, the last step's time and the peak memory (max over ranks and steps)
     against the plan and the device; tokens/s of the rollout and the update; the update's MFU. Rank 0 prints a
-    table and writes <output_dir>/fit_check.json. prompt_ids, completion_ids: this rank's last step."""
+    table and writes <output_dir>/fit_check.json. prompt_ids, completion_ids: this rank's last step. critic:
+    train_ppo.py's critic folder; its state and activations join the plan and its FLOPs the update's (the value
+    pass, a no-grad forward below the update by construction, is measured and not planned)."""
     import distributed
 
     phases.take()  # the last checkpoint, saved after the last step's metrics
     device, world, backend = accelerator.device, accelerator.num_processes, distributed.backend(accelerator)
     bf16 = accelerator.mixed_precision == "bf16"
     policy, rm = shapes(args.model), shapes(args.reward_model, sequence_classifier=True) if need_rm else None
+    critic = shapes(critic, token_classifier=True) if critic else None
     total = device_memory_gib(device)  # on CPU the machine's, shared by the processes on it
     total /= int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device.type == "cpu" else 1
     if device.type == "cuda":  # vLLM's share of the GPU; CUDA context, NCCL, allocator slack
@@ -293,8 +301,10 @@ def report(phases, args, accelerator, prompt_ids: list, completion_ids: list, ne
         # what no formula counts (python, torch, the data, vLLM's engine buffers): the RSS after set-up, less the
         # weights it holds by the plan; every byte that comes after (gradients, AdamW, activations) is planned
         at_setup = plan(policy, rm, backend=backend, world=world, bf16=bf16, tokens=1, gradient_checkpointing=False,
-                        ref=args.kl_coef > 0, vllm_gib=vllm_gib, sleep=False, overhead_gib=0.0)["resident"]  # fmt: skip
-        held = sum(v for k, v in at_setup.items() if k not in ("adam", "ddp_buckets")) + vllm_gib  # AdamW: at step 1
+                        ref=args.kl_coef > 0, vllm_gib=vllm_gib, sleep=False, overhead_gib=0.0,
+                        critic=critic)["resident"]  # fmt: skip
+        later = ("adam", "ddp_buckets", "critic_adam", "critic_ddp_buckets")  # AdamW's state: at step 1
+        held = sum(v for k, v in at_setup.items() if k not in later) + vllm_gib
         overhead = phases.after_gib["setup"] - held
     sleep = llm is not None and args.vllm_sleep and device.type == "cuda"
     # the largest micro-batch: --token-budget, or a whole mini-batch of this rank's longest prompt + full completions
@@ -304,7 +314,7 @@ def report(phases, args, accelerator, prompt_ids: list, completion_ids: list, ne
     tokens = min(args.token_budget, per_minibatch)
     p = plan(policy, rm, backend=backend, world=world, bf16=bf16, tokens=tokens,
              gradient_checkpointing=args.gradient_checkpointing, ref=args.kl_coef > 0, vllm_gib=vllm_gib, sleep=sleep,
-             overhead_gib=overhead, logprob_chunk=1024 if device.type == "cuda" else 0)  # fmt: skip
+             overhead_gib=overhead, logprob_chunk=1024 if device.type == "cuda" else 0, critic=critic)  # fmt: skip
     peaks = phases.peaks_over_ranks(accelerator)
     last = {"setup": phases.history[0]["setup"]}
     for step in phases.history[-2:]:  # the last step, and the checkpoint after it
@@ -313,8 +323,11 @@ def report(phases, args, accelerator, prompt_ids: list, completion_ids: list, ne
     n_prompt, n_completion = accelerator.reduce(
         torch.tensor(counts, dtype=torch.float64, device=device), "sum"
     ).tolist()
+    # GRPO's pi_old/pi_ref passes run in its update; train_ppo.py runs them in the value pass, and trains the critic
     extra = int(args.num_minibatches * args.ppo_epochs > 1 or args.kl_coef > 0) + int(args.kl_coef > 0)
-    flops = update_flops(policy, (n_prompt + n_completion) * args.ppo_epochs, args.gradient_checkpointing, extra)
+    n_update = (n_prompt + n_completion) * args.ppo_epochs
+    flops = update_flops(policy, n_update, args.gradient_checkpointing, 0 if critic else extra)
+    flops += update_flops(critic, n_update, args.gradient_checkpointing, 0) if critic else 0.0
     achieved = flops / world / max(last.get("train", 0.0), 1e-9) / 1e12  # per device
     peak = peak_tflops(device)
     rows = []
@@ -335,12 +348,13 @@ def report(phases, args, accelerator, prompt_ids: list, completion_ids: list, ne
         else "peak RSS of the process",
         phases=rows,
         rollout_tokens_per_s=n_completion / max(last.get("rollout", 0.0), 1e-9),
-        update_tokens_per_s=(n_prompt + n_completion) * args.ppo_epochs / max(last.get("train", 0.0), 1e-9),
+        update_tokens_per_s=n_update / max(last.get("train", 0.0), 1e-9),
         update_tflops_per_device=achieved,
         update_mfu=achieved / peak if peak else None,
         plan=p | {"tokens_per_microbatch": tokens},
         policy=policy,
         reward_model=rm,
+        critic=critic,
         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     )
     if accelerator.is_main_process:

@@ -37,6 +37,7 @@ from transformers.utils import ModelOutput
 import batching
 import bookkeeping
 import distributed
+import fit_check
 import generation
 import reward
 
@@ -174,6 +175,11 @@ class Args:
     """wandb project (with --track; the entity comes from WANDB_ENTITY or your default)"""
     sample_every: int = 10
     """print one prompt, completion and reward every N steps; 0 disables"""
+    dummy_weights: bool = False
+    """fit check: random weights in the models' config.json shapes (models/ ships the named ones), nothing downloaded,
+    every completion to --max-new-tokens, 2 steps; prints each phase's time and peak memory beside the plan"""
+    dummy_overrides: str = ""
+    """--dummy-weights: config.json fields to change in every model, e.g. num_hidden_layers=4 (a CPU-sized run)"""
 
 
 LOCAL = os.path.join(HERE, "local_models")
@@ -274,11 +280,11 @@ def build_actor_critic(args: Args, accelerator: Accelerator, max_steps: int):
     """Policy and critic (fp32 master weights) in one `ActorCritic`, AdamW with an actor and a critic parameter
     group (eq. 14) and the LR schedule, prepared by Accelerate for the launched backend. The critic is the base
     checkpoint with a new scalar head (verl's AutoModelForTokenClassification, dropout off)."""
-    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    policy = fit_check.from_pretrained(AutoModelForCausalLM, args.model, args.dummy_weights, dtype=torch.float32)
     config = AutoConfig.from_pretrained(args.critic_model or args.model, num_labels=1)
     config.classifier_dropout = 0.0  # verl turns the head's dropout off: V is a regression, not a guess to regularise
-    critic = AutoModelForTokenClassification.from_pretrained(args.critic_model or args.model, config=config,
-                                                             dtype=torch.float32)  # fmt: skip
+    critic = fit_check.from_pretrained(AutoModelForTokenClassification, args.critic_model or args.model,
+                                       args.dummy_weights, config=config, dtype=torch.float32)  # fmt: skip
     for m in (policy, critic):
         if args.gradient_checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -580,13 +586,13 @@ def build_models(args: Args, accelerator, max_steps: int, log, need_reward_model
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32  # frozen models and vLLM
     with distributed.replicated_loading():  # frozen models: whole on every rank, never prepared
         reward_model = reward.RewardModel(args.reward_model, device=str(accelerator.device), dtype=dtype,
-                                          batch_size=args.rm_batch_size,
-                                          max_length=args.rm_max_length) if need_reward_model else None  # fmt: skip
-        ref_model = (distributed.frozen_policy(args.model, dtype, accelerator.device, False)
+                                          batch_size=args.rm_batch_size, max_length=args.rm_max_length,
+                                          dummy_weights=args.dummy_weights) if need_reward_model else None  # fmt: skip
+        ref_model = (distributed.frozen_policy(args.model, dtype, accelerator.device, False, args.dummy_weights)
                      if args.kl_coef > 0 else None)  # fmt: skip
     max_len, seed = args.max_prompt_length + args.max_new_tokens, args.seed + accelerator.process_index
     llm = generation.build_vllm(args.model, dtype, seed, max_len, accelerator, args.vllm_gpu_memory_utilization,
-                                args.vllm_sleep) if args.use_vllm else None  # fmt: skip
+                                args.vllm_sleep, args.dummy_weights) if args.use_vllm else None  # fmt: skip
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     run = f"{distributed.backend(accelerator)}, {accelerator.num_processes} process(es), {precision}"
     log(f"backend: {run}, grad clip {distributed.clip_norm(model, accelerator, args.max_grad_norm)}")
@@ -612,7 +618,8 @@ def main(args: Args):
     max_steps = args.max_steps or args.num_epochs * math.ceil(len(rows) / args.prompts_per_step)
     if writer is not None:  # --max-prompt-length silently shortens the data otherwise
         writer.add_scalar("charts/prompts_dropped", n_dropped, 0)
-    eos_ids = generation.eos_token_ids(tokenizer, args.model)  # EOS ids and the chat template's turn end
+    # EOS ids and the chat template's turn end; none with --dummy-weights: every completion runs to the limit
+    eos_ids = [] if args.dummy_weights else generation.eos_token_ids(tokenizer, args.model)
     log(f"stop ids: {eos_ids}")
     log(f"data: {len(rows)} prompts ({n_dropped} over {args.max_prompt_length} tokens dropped), {max_steps} steps")
 
@@ -744,6 +751,9 @@ def main(args: Args):
             with phases("checkpoint"):
                 bookkeeping.save_checkpoint(accelerator, model, tokenizer, args.output_dir, step + 1, args.keep_last)
 
+    if args.dummy_weights:  # the fit check: each phase's time and memory against the plan, the critic's included
+        fit_check.report(phases, args, accelerator, prompt_ids, completion_ids, reward_model is not None, llm, log,
+                         critic=args.critic_model or args.model)  # fmt: skip
     if accelerator.is_main_process:
         rollout_file.close()
         writer.close()

@@ -18,10 +18,12 @@ sys.path.insert(0, ROOT)
 import bookkeeping  # noqa: E402
 import evaluate  # noqa: E402
 import train_grlo  # noqa: E402
+import train_ppo  # noqa: E402
 import train_rlvr  # noqa: E402
 import train_rm  # noqa: E402
 
-STAGES = {"train_grlo.py": train_grlo, "train_rlvr.py": train_rlvr, "train_rm.py": train_rm, "evaluate.py": evaluate}
+STAGES = {"train_grlo.py": train_grlo, "train_rlvr.py": train_rlvr, "train_rm.py": train_rm, "evaluate.py": evaluate,
+          "train_ppo.py": train_ppo}  # fmt: skip
 LOCAL = ("runs/", "local_models/")  # what a command may need an earlier one to have made (hub ids and data/ are not)
 
 
@@ -73,7 +75,7 @@ def effects(command: str) -> tuple[set, set, str]:
     if script == "evaluate.py":
         reads = {*args.model, args.reward_model, args.baseline_model or ""}
         return {rel(p) for p in reads if rel(p).startswith(LOCAL)}, {rel(args.output_dir)}, rel(args.output_dir)
-    reads = {args.model, getattr(args, "reward_model", "")}
+    reads = {args.model, getattr(args, "reward_model", ""), getattr(args, "critic_model", None) or ""}
     out = rel(args.output_dir)
     saved = sorted({s for s in range(1, args.max_steps + 1) if args.save_every and s % args.save_every == 0}
                    | {args.max_steps})  # fmt: skip
@@ -123,3 +125,14 @@ def test_the_check_catches_the_two_seeds_in_one_folder(tmp_path):
     problems = check(str(page), set())
     assert len(problems) == 2 and "writes runs/rlvr-cpu-arith again" in problems[0]
     assert "reads runs/rlvr-arith-seed1/checkpoint-20" in problems[1]
+
+
+def test_the_check_reads_train_ppo_commands(tmp_path):
+    """train_ppo.py's commands are resolved too: its RM preset reads train_rm.py's model, and two runs of one preset
+    write one folder."""
+    page = tmp_path / "page.md"
+    page.write_text("```bash\npython train_ppo.py --preset cpu-arith-rm\npython train_ppo.py --preset cpu-arith\n"
+                    "python train_ppo.py --preset cpu-arith --seed 2\n```\n")  # fmt: skip
+    problems = check(str(page), {"local_models/*"})
+    assert len(problems) == 2 and "reads runs/rm-cpu-arith/final" in problems[0]
+    assert "writes runs/ppo-cpu-arith again" in problems[1]

@@ -15,6 +15,7 @@ PY = sys.executable
 TINY = "num_hidden_layers=2,hidden_size=256,intermediate_size=512,num_attention_heads=4,num_key_value_heads=2,vocab_size=4096"
 ABLATION = ["--model", "Qwen/Qwen3-1.7B-Base", "--reward-model", "Skywork/Skywork-Reward-V2-Qwen3-0.6B"]
 PHASES = ["setup", "rollout", "reward", "train", "weight_sync", "checkpoint"]
+PPO_PHASES = ["setup", "rollout", "reward", "values", "train", "weight_sync", "checkpoint"]  # + the value pass
 
 
 def offline(tmp_path) -> dict:
@@ -24,13 +25,15 @@ def offline(tmp_path) -> dict:
     return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(home), "HF_DATASETS_OFFLINE": "1"}
 
 
-def check_run(out, stdout: str, env: dict, processes: int, backend: str):
+def check_run(
+    out, stdout: str, env: dict, processes: int, backend: str, phases=PHASES, unplanned=("setup", "checkpoint")
+):
     report = json.loads((out / "fit_check.json").read_text())
-    assert [row["phase"] for row in report["phases"]] == PHASES
+    assert [row["phase"] for row in report["phases"]] == phases
     assert report["backend"] == backend and report["processes"] == processes and report["sampler"] == "vLLM"
     for row in report["phases"]:  # printed, measured, and planned where the plan has a row
         assert f"\n{row['phase']:<12}" in stdout and row["peak_gib"] > 0.3 and row["seconds"] > 0
-        assert row["fits_by_measurement"] and (row["plan_gib"] is None) == (row["phase"] in ("setup", "checkpoint"))
+        assert row["fits_by_measurement"] and (row["plan_gib"] is None) == (row["phase"] in unplanned)
     assert stdout.count("fit check |") == 1 and "completion tokens/s" in stdout and "TFLOP/s a device" in stdout
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert rollouts and all(r["finish_reason"] == "length" for r in rollouts)  # no stop id: the worst case
@@ -136,17 +139,28 @@ def test_plan_with_a_critic_by_hand():
     assert off["phases"]["reward"] == pytest.approx(alone["phases"]["reward"])
 
 
-def test_measured_cpu_peaks_match_the_plan(tmp_path):
+@pytest.mark.parametrize("script", ["train_grlo.py", "train_ppo.py"])
+def test_measured_cpu_peaks_match_the_plan(script, tmp_path):
     """The plan against a measurement, at widths where the model's memory dominates: the shipped 1.7B config with
     one layer, its width and a 32K vocabulary (~0.1 B parameters: 1.8 GiB of weights, gradients and AdamW, 0.5 GiB
-    of logits). Each phase's peak RSS within 10% of the plan (on CPU the plan's fixed overhead is the RSS after
-    set-up less the weights it holds; all that grows after it is the formulas')."""
-    out = tmp_path / "run"
+    of logits; train_ppo.py's critic as much again, less the logits). Each phase's peak RSS within 10% of the plan
+    (on CPU the plan's fixed overhead is the RSS after set-up less the weights it holds; all that grows after it is
+    the formulas'). train_ppo.py: the critic (the policy's config, a scalar head) joins the plan; the value pass is
+    measured, not planned."""
+    env, out = offline(tmp_path), tmp_path / "run"
     overrides = "num_hidden_layers=1,vocab_size=32768"
-    run_script([PY, "train_grlo.py", "--preset", "cpu-smoke", *ABLATION, "--dummy-weights", "--dummy-overrides",
-                overrides, "--max-new-tokens", "48", "--max-prompt-length", "256", "--token-budget", "1024",
-                "--output-dir", str(out)], env=offline(tmp_path), timeout=400)  # fmt: skip
+    proc = run_script([PY, script, "--preset", "cpu-smoke", *ABLATION, "--dummy-weights", "--dummy-overrides",
+                       overrides, "--max-new-tokens", "48", "--max-prompt-length", "256", "--token-budget", "1024",
+                       "--output-dir", str(out)], env=env, timeout=400)  # fmt: skip
     report = json.loads((out / "fit_check.json").read_text())
+    if script == "train_ppo.py":
+        check_run(out, proc.stdout, env, 1, "single", PPO_PHASES, ("setup", "values", "checkpoint"))
+        policy, critic, G = report["policy"], report["critic"], 2**30
+        # the policy's weights with a tied LM head, the critic's with a scalar head (hidden weights + a bias at most)
+        assert 0 < critic["params"] - policy["params"] <= policy["hidden"] + 1 and not critic["tied"]
+        state = report["plan"]["resident"]
+        assert state["critic_weights"] * G == 4 * critic["params"] and state["critic_adam"] * G == 8 * critic["params"]
+        assert report["plan"]["update"]["critic_all_layers"] > 0  # no checkpointing on CPU: every layer's
     rows = {r["phase"]: r for r in report["phases"]}
     for phase in ("rollout", "reward", "train", "weight_sync"):
         assert rows[phase]["peak_gib"] == pytest.approx(rows[phase]["plan_gib"], rel=0.10), (phase, rows[phase])
