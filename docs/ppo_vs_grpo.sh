@@ -6,7 +6,7 @@
 # measures). The runs go one after another: two at once on 2 cores ruin both timings. A killed queue resumes
 # where it stopped (a checkpoint every 5 steps; --resume is exact), so rerunning this script finishes the table.
 #
-#   bash docs/ppo_vs_grpo.sh                       # everything (~5 h on 2 cores), then the figure
+#   bash docs/ppo_vs_grpo.sh                       # everything (~3.7 h on 2 cores), then the figure
 #   SEEDS=1 JUDGES=rm bash docs/ppo_vs_grpo.sh      # a part
 set -euo pipefail
 cd "$(dirname "$0")/.."
