@@ -279,19 +279,19 @@ def peak_tflops(device):
 
 
 def report(phases, args, accelerator, prompt_ids: list, completion_ids: list, need_rm: bool, llm, log,
-           critic: str | None = None) -> dict:  # fmt: skip
+           critic_model: str | None = None) -> dict:  # fmt: skip
     """After a --dummy-weights run: per phase, the last step's time and the peak memory (max over ranks and steps)
     against the plan and the device; tokens/s of the rollout and the update; the update's MFU. Rank 0 prints a
-    table and writes <output_dir>/fit_check.json. prompt_ids, completion_ids: this rank's last step. critic:
-    train_ppo.py's critic folder; its state and activations join the plan and its FLOPs the update's (the value
-    pass, a no-grad forward below the update by construction, is measured and not planned)."""
+    table and writes <output_dir>/fit_check.json. prompt_ids, completion_ids: this rank's last step.
+    critic_model: train_ppo.py's critic folder; its state and activations join the plan and its FLOPs the
+    update's (the value pass, a no-grad forward below the update by construction, is measured and not planned)."""
     import distributed
 
     phases.take()  # the last checkpoint, saved after the last step's metrics
     device, world, backend = accelerator.device, accelerator.num_processes, distributed.backend(accelerator)
     bf16 = accelerator.mixed_precision == "bf16"
     policy, rm = shapes(args.model), shapes(args.reward_model, sequence_classifier=True) if need_rm else None
-    critic = shapes(critic, token_classifier=True) if critic else None
+    critic = shapes(critic_model, token_classifier=True) if critic_model else None
     total = device_memory_gib(device)  # on CPU the machine's, shared by the processes on it
     total /= int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device.type == "cpu" else 1
     if device.type == "cuda":  # vLLM's share of the GPU; CUDA context, NCCL, allocator slack

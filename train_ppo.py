@@ -753,7 +753,7 @@ def main(args: Args):
 
     if args.dummy_weights:  # the fit check: each phase's time and memory against the plan, the critic's included
         fit_check.report(phases, args, accelerator, prompt_ids, completion_ids, reward_model is not None, llm, log,
-                         critic=args.critic_model or args.model)  # fmt: skip
+                         critic_model=args.critic_model or args.model)  # fmt: skip
     if accelerator.is_main_process:
         rollout_file.close()
         writer.close()
